@@ -1,0 +1,438 @@
+"""Data: records -> validated conversations -> chat-template tokens with label masks -> padded batches.
+
+One path serves every stage. A record (LLaVA JSON/JSONL, parquet, or a saved `datasets` folder) becomes a list of
+messages; the tokenizer's own chat template renders them; each `<image>` expands to the model's number of image
+tokens; labels supervise exactly the assistant replies and their end-of-turn token, found by rendering the
+conversation turn by turn and mapping character spans to tokens (never by searching for a word in token ids).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from model import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_COLUMNS = ("image", "images", "image_bytes")
+
+# Qwen2.5-Instruct's chat template without its tool-calling branch. Used for tokenizers that ship no template (the
+# tiny preset's, GPT-2's) and in tests; a tokenizer with a template of its own keeps it.
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+class DataError(ValueError):
+    """A sample that cannot be trained on; the message names the file, the sample and the problem."""
+
+
+# ==================================================================== tokenizers
+def ensure_chat_tokens(tokenizer, image_token: str) -> int:
+    """Give a tokenizer a chat template, a pad token and the image token if it lacks them; returns tokens added."""
+    added = 0
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+        added += tokenizer.add_special_tokens({"additional_special_tokens": CHAT_SPECIAL_TOKENS[1:]},
+                                              replace_extra_special_tokens=False)
+        tokenizer.eos_token = "<|im_end|>"
+    if image_token not in tokenizer.get_vocab():
+        added += tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
+                                              replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return added
+
+
+def make_tokenizer(texts, vocab_size: int = 512, image_token: str = "<|image_pad|>"):
+    """A byte-level BPE tokenizer trained on `texts`, with Qwen's special tokens and chat template: what the
+    offline presets use instead of downloading Qwen's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = CHAT_SPECIAL_TOKENS + [image_token]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=specials[1:])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+# ==================================================================== records
+@dataclass
+class Sample:
+    """One conversation as the model sees it, before tokenisation."""
+
+    messages: list[dict]
+    images: list  # paths, bytes, PIL images or datasets Image dicts; decoded lazily
+    where: str  # "file: sample i (id=...)" for error messages
+
+
+def load_records(path: str):
+    """A `datasets.Dataset` from LLaVA JSON/JSONL, parquet, or a folder written by `Dataset.save_to_disk`."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    if path.endswith(".parquet"):
+        return datasets.Dataset.from_parquet(path)
+    if path.endswith((".json", ".jsonl")):
+        _check_json_syntax(path)
+        return datasets.Dataset.from_json(path)
+    raise ValueError(f"{path}: unknown data format (expected .json, .jsonl, .parquet or a saved datasets folder)")
+
+
+def _check_json_syntax(path: str) -> None:
+    """datasets' JSON reader reports syntax errors without a position; find the line ourselves."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as whole_error:
+        lines = text.splitlines()
+        if path.endswith(".jsonl") or (lines and lines[0].lstrip().startswith("{") and len(lines) > 1):
+            for number, line in enumerate(lines, 1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: malformed JSON line: {error.msg} "
+                                    f"(column {error.colno})") from None
+            return
+        raise DataError(f"{path}:{whole_error.lineno}: malformed JSON: {whole_error.msg} "
+                        f"(column {whole_error.colno})") from None
+
+
+def parse_record(record: dict, where: str) -> Sample:
+    """Check a record's structure and turn it into messages; raise DataError naming `where` on any problem."""
+    where = f"{where} (id={record['id']})" if record.get("id") is not None else where
+    turns = record.get("conversations", record.get("messages"))
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: 'conversations' is a string but not JSON: {error.msg}") from None
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: no 'conversations' (or 'messages') list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: turn {i} is not an object")
+        role = turn.get("from", turn.get("role"))
+        content = turn.get("value", turn.get("content"))
+        if role not in ROLES:
+            raise DataError(f"{where}: turn {i} has unknown role {role!r} (expected one of {sorted(ROLES)})")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: turn {i} has no text ('value' or 'content')")
+        messages.append({"role": ROLES[role], "content": content})
+    _check_roles(messages, where)
+    images = _image_refs(record)
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(images):
+        raise DataError(f"{where}: {placeholders} '<image>' placeholders for {len(images)} images "
+                        f"(each image needs exactly one '<image>' in a user turn)")
+    if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] != "user"):
+        raise DataError(f"{where}: '<image>' outside a user turn")
+    return Sample(messages, images, where)
+
+
+def _check_roles(messages: list[dict], where: str) -> None:
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for i, message in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise DataError(f"{where}: turn {i + len(messages) - len(body)} is {message['role']!r} where "
+                            f"{expected!r} was expected (turns must alternate user/assistant)")
+    if not body or body[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation must end with an assistant reply")
+
+
+def _image_refs(record: dict) -> list:
+    for column in IMAGE_COLUMNS:
+        value = record.get(column)
+        if value is None or (isinstance(value, (str, list)) and not value):
+            continue
+        return list(value) if isinstance(value, list) else [value]
+    return []
+
+
+def open_image(ref, image_dir: str | None, where: str) -> Image.Image:
+    """Decode an image reference fully (so a truncated file fails here, not mid-batch) as RGB."""
+    try:
+        if isinstance(ref, Image.Image):
+            image = ref
+        elif isinstance(ref, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+            return open_image(ref.get("bytes") or ref.get("path"), image_dir, where)
+        elif isinstance(ref, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(ref))
+        elif isinstance(ref, str):
+            path = ref if os.path.isabs(ref) or image_dir is None else os.path.join(image_dir, ref)
+            if not os.path.isfile(path):
+                raise DataError(f"{where}: image not found: {path}")
+            image = Image.open(path)
+        else:
+            raise DataError(f"{where}: unsupported image value of type {type(ref).__name__}")
+        image.load()
+        return image.convert("RGB")
+    except DataError:
+        raise
+    except Exception as error:
+        raise DataError(f"{where}: cannot decode image {ref if isinstance(ref, str) else ''}: {error}") from None
+
+
+# ==================================================================== chat template -> tokens and labels
+@dataclass
+class VLMProcessor:
+    """Tokenizer + image processor + the model's image geometry: everything that turns a conversation into inputs."""
+
+    tokenizer: object
+    image_processor: object
+    num_image_tokens: int
+    image_token: str = "<|image_pad|>"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    max_length: int = 2048
+    image_token_id: int = field(init=False)
+
+    def __post_init__(self):
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def from_model(cls, model, max_length: int = 2048) -> VLMProcessor:
+        config = model.config
+        return cls(model.tokenizer, model.image_processor, config.num_image_tokens, config.image_token,
+                   config.system_prompt, max_length)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """The token that ends an assistant turn in this template (Qwen: <|im_end|>), plus the tokenizer's eos."""
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                 {"role": "assistant", "content": "REPLY"}]
+        text = self.tokenizer.apply_chat_template(probe, tokenize=False)
+        end = text[text.rindex("REPLY") + len("REPLY"):].strip()
+        ids = self.tokenizer(end, add_special_tokens=False)["input_ids"][:1] if end else []
+        return list(dict.fromkeys(ids + [self.tokenizer.eos_token_id]))
+
+    def with_system_prompt(self, messages: list[dict], system_prompt: str | None = None) -> list[dict]:
+        if messages and messages[0]["role"] == "system":
+            return messages
+        return [{"role": "system", "content": system_prompt or self.system_prompt}] + messages
+
+    def expand_images(self, messages: list[dict]) -> list[dict]:
+        pads = self.image_token * self.num_image_tokens
+        return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, pads)} for m in messages]
+
+    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """Full text of the conversation and the character spans to supervise: each assistant reply plus its
+        end-of-turn token (not the newline after it). Each span comes from rendering the conversation up to that
+        turn, so it follows whatever the template writes around a reply."""
+        template = self.tokenizer.apply_chat_template
+        text, spans = "", []
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                header = template(messages[:k], tokenize=False, add_generation_prompt=True)
+                if not header.startswith(text):
+                    raise ValueError("the chat template's generation prompt does not extend the conversation so far")
+            rendered = template(messages[: k + 1], tokenize=False)
+            if not rendered.startswith(text):
+                raise ValueError(f"the chat template re-renders earlier turns when turn {k} is added; per-turn "
+                                 f"label masks need a template whose output only grows")
+            if message["role"] == "assistant":
+                spans.append((len(header), len(rendered.rstrip())))
+            text = rendered
+        return text, spans
+
+    def encode_chat(self, messages: list[dict], where: str = "sample") -> dict:
+        """input_ids and labels for a training conversation whose `<image>` placeholders are still unexpanded."""
+        text, spans = self.render(self.expand_images(self.with_system_prompt(messages)))
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = encoding["input_ids"]
+        labels = [IGNORE_INDEX] * len(input_ids)
+        span_index = 0
+        for i, (start, _end) in enumerate(encoding["offset_mapping"]):
+            while span_index < len(spans) and start >= spans[span_index][1]:
+                span_index += 1
+            if span_index < len(spans) and start >= spans[span_index][0]:
+                labels[i] = input_ids[i]
+        if len(input_ids) > self.max_length:
+            num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+            raise DataError(f"{where}: {len(input_ids)} tokens (with {num_images} x {self.num_image_tokens} image "
+                            f"tokens) exceed max_length {self.max_length}; cutting it would cut image tokens or a "
+                            f"reply. Raise --max_length or pass --skip_bad_samples to drop such samples")
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
+        if not images:
+            return None
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def encode_sample(self, sample: Sample, image_dir: str | None) -> dict:
+        images = [open_image(ref, image_dir, sample.where) for ref in sample.images]
+        encoded = self.encode_chat(sample.messages, sample.where)
+        encoded["pixel_values"] = self.pixel_values(images)
+        return encoded
+
+    # ---------------------------------------------------------------- generation
+    def generation_messages(self, image, question: str, history: list | None) -> list[dict]:
+        messages = []
+        for user, assistant in history or []:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": question})
+        if image is not None and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+            messages[0] = {"role": "user", "content": IMAGE_PLACEHOLDER + "\n" + messages[0]["content"]}
+        return messages
+
+    def encode_generation_batch(self, images: list, questions: list[str], histories: list | None = None,
+                                system_prompt: str | None = None) -> dict:
+        """Left-padded prompts ending in the assistant header, so every row's next token is its answer's first."""
+        histories = histories or [None] * len(questions)
+        rows, pixel_images = [], []
+        for image, question, history in zip(images, questions, histories, strict=True):
+            messages = self.expand_images(self.with_system_prompt(
+                self.generation_messages(image, question, history), system_prompt))
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if image is not None:
+                pixel_images.append(open_image(image, None, "chat input"))
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            attention_mask[i, width - len(row):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "pixel_values": self.pixel_values(pixel_images)}
+
+
+# ==================================================================== dataset and collate
+class ConversationDataset(torch.utils.data.Dataset):
+    """Records from one or more files, validated up front (structure, image files present) and encoded lazily.
+
+    With skip_bad_samples every sample is fully encoded once at start-up and the failures are dropped and counted;
+    otherwise the first problem stops the run with a message naming the file and sample."""
+
+    def __init__(self, paths: list[str], processor: VLMProcessor, image_dir: str | None = None,
+                 skip_bad_samples: bool = False, validate: bool = True):
+        self.processor, self.image_dir = processor, image_dir
+        self.tables = [(path, load_records(path)) for path in paths]
+        self.index = [(t, i) for t, (_, table) in enumerate(self.tables) for i in range(len(table))]
+        if not validate:  # check_data() reports every problem itself
+            return
+        problems = self.scan(check_structure_only=True)
+        if problems and not skip_bad_samples:
+            raise DataError(_problem_report(problems, len(self.index)))
+        if skip_bad_samples:
+            problems = self.scan(check_structure_only=False)
+            bad = {position for position, _ in problems}
+            self.index = [entry for position, entry in enumerate(self.index) if position not in bad]
+            self.skipped = problems
+            if problems:
+                print(f"skipping {len(problems)} bad samples of {len(self.index) + len(problems)}; first: "
+                      f"{problems[0][1]}")
+        if not self.index:
+            raise DataError(f"no usable samples in {', '.join(paths)}")
+
+    def sample(self, position: int) -> Sample:
+        table_index, row = self.index[position]
+        path, table = self.tables[table_index]
+        return parse_record(table[row], f"{path}: sample {row}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, position: int) -> dict:
+        return self.processor.encode_sample(self.sample(position), self.image_dir)
+
+    def scan(self, check_structure_only: bool) -> list[tuple[int, str]]:
+        """(position, message) for every sample that fails: its structure and image files, or a full encode."""
+        problems = []
+        for position in range(len(self.index)):
+            try:
+                sample = self.sample(position)
+                if check_structure_only:
+                    for ref in sample.images:
+                        if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
+                            raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
+                else:
+                    self.processor.encode_sample(sample, self.image_dir)
+            except DataError as error:
+                problems.append((position, str(error)))
+        return problems
+
+    def _image_path(self, ref: str) -> str:
+        return ref if os.path.isabs(ref) or self.image_dir is None else os.path.join(self.image_dir, ref)
+
+
+def _problem_report(problems: list[tuple[int, str]], total: int, shown: int = 10) -> str:
+    lines = [f"{len(problems)} of {total} samples are unusable:"] + [f"  {m}" for _, m in problems[:shown]]
+    if len(problems) > shown:
+        lines.append(f"  ... and {len(problems) - shown} more")
+    lines.append("Fix the data, or pass --skip_bad_samples to drop them (they are counted and reported).")
+    return "\n".join(lines)
+
+
+def collate(samples: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a list of encoded samples; labels are -100 on padding, pixel_values of all images stacked."""
+    width = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
+    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "pixel_values": torch.cat(images) if images else None}
+
+
+# ==================================================================== --check_data
+def check_data(dataset: ConversationDataset) -> dict:
+    """Encode every sample (images decoded, tokens counted) and summarise; the caller prints it."""
+    problems, lengths, supervised, images, turns = [], [], [], 0, Counter()
+    for position in range(len(dataset)):
+        try:
+            sample = dataset.sample(position)
+            encoded = dataset.processor.encode_sample(sample, dataset.image_dir)
+        except DataError as error:
+            problems.append((position, str(error)))
+            continue
+        lengths.append(len(encoded["input_ids"]))
+        supervised.append(int((encoded["labels"] != IGNORE_INDEX).sum()))
+        images += len(sample.images)
+        turns[sum(m["role"] == "assistant" for m in sample.messages)] += 1
+    return {
+        "samples": len(dataset), "ok": len(lengths), "bad": len(problems), "images": images,
+        "replies_per_sample": dict(sorted(turns.items())),
+        "tokens_mean": round(sum(lengths) / max(len(lengths), 1), 1), "tokens_max": max(lengths, default=0),
+        "supervised_tokens_mean": round(sum(supervised) / max(len(supervised), 1), 1),
+        "problems": [message for _, message in problems],
+    }

@@ -1,0 +1,404 @@
+"""Mary-MLLM: a LLaVA-style vision-language model, readable top to bottom.
+
+    pixel_values -> vision tower -> patch grid (g x g) -> bilinear 2x downsample -> MLP projector -> image features
+    input_ids    -> token embeddings, image features scattered over the <|image_pad|> placeholders -> causal LM
+
+With the real components (SigLIP-so400m-patch14-384 and Qwen2.5-0.5B-Instruct) a 384x384 image gives a 27x27 grid,
+downsampled to 13x13 = 169 image tokens. Every size is read from the configs, so any vision model with a square patch
+grid (SigLIP, CLIP, DINOv2) and any Hugging Face causal LM (Qwen2, Llama, GPT-2, ...) fit the same code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+    TextIteratorStreamer,
+)
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from utils import DEFAULT_LLM, DEFAULT_VISION_MODEL
+
+IMAGE_TOKEN = "<|image_pad|>"
+# Qwen's chat template injects "You are Qwen, created by Alibaba Cloud..." when no system turn is given; we always
+# send one, in training and at inference, so the two prompts never differ.
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+IGNORE_INDEX = -100
+
+
+class VLMConfig(PreTrainedConfig):
+    """The vision and text sub-configs plus the few numbers that join them."""
+
+    model_type = "mary_vlm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token: str = IMAGE_TOKEN
+    image_token_id: int | None = None
+    downsample_factor: int = 2
+    projector_hidden_size: int | None = None  # None: the LLM's hidden size
+    vision_feature_layer: int = -1  # -1: the tower's last_hidden_state; other values index hidden_states
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    @property
+    def vision_grid(self) -> int:
+        """Patches per side of the vision tower's grid (27 for so400m-patch14-384)."""
+        size, patch = self.vision_config.image_size, self.vision_config.patch_size
+        size = size if isinstance(size, int) else size[0]
+        patch = patch if isinstance(patch, int) else patch[0]
+        if size % patch:
+            raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}")
+        return size // patch
+
+    @property
+    def image_grid(self) -> int:
+        """Tokens per side after downsampling (13 for a 27x27 grid)."""
+        grid = self.vision_grid // self.downsample_factor
+        if grid < 1:
+            raise ValueError(f"a {self.vision_grid}x{self.vision_grid} grid cannot be downsampled "
+                             f"by {self.downsample_factor}")
+        return grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_grid**2
+
+
+def downsample_grid(features: torch.Tensor, grid: int, out_grid: int) -> torch.Tensor:
+    """(B, grid*grid, D) raster-ordered patch features -> (B, out_grid*out_grid, D).
+
+    The tokens are put back on their 2-D grid first, so each output token mixes spatial neighbours; merging
+    consecutive raster tokens with a plain view() would mix a row's patches instead. antialias=True makes the
+    bilinear filter read every input patch rather than sample a few.
+    """
+    batch, _, dim = features.shape
+    image = features.transpose(1, 2).reshape(batch, dim, grid, grid)
+    image = F.interpolate(image, size=(out_grid, out_grid), mode="bilinear", align_corners=False, antialias=True)
+    return image.flatten(2).transpose(1, 2)
+
+
+class Projector(nn.Module):
+    """Two-layer MLP from the vision width to the LLM width (LLaVA-1.5's mlp2x_gelu)."""
+
+    def __init__(self, vision_size: int, hidden_size: int, text_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(vision_size, hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_size, text_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@dataclass
+class VLMOutput(ModelOutput):
+    """`loss` is the mean over supervised tokens; `loss_sum` and `num_tokens` let a training loop normalise over a
+    whole optimizer step instead. With labels, `logits` holds only the supervised positions, flattened."""
+
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+
+
+class VLM(PreTrainedModel, GenerationMixin):
+    config: VLMConfig
+    config_class = VLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: VLMConfig, vision_model: nn.Module | None = None,
+                 language_model: nn.Module | None = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.language_model = (language_model if language_model is not None
+                               else AutoModelForCausalLM.from_config(config.text_config))
+        # One config object per component: a resize of the embeddings must show in the saved VLM config too.
+        config.vision_config, config.text_config = self.vision_model.config, self.language_model.config
+        text_size = config.text_config.hidden_size
+        self.projector = Projector(config.vision_config.hidden_size, config.projector_hidden_size or text_size,
+                                   text_size)
+        # Set by attach_processors / from_pretrained; chat() and the data pipeline need them.
+        self.tokenizer = None
+        self.image_processor = None
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
+            nn.init.zeros_(module.bias)
+
+    # ---------------------------------------------------------------- image features
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(num_images, 3, H, W) -> (num_images, num_image_tokens, llm_hidden)."""
+        layer = self.config.vision_feature_layer
+        vision_trains = any(p.requires_grad for p in self.vision_model.parameters())
+        # A frozen tower needs no activations kept for backward: the biggest saving of stage 1.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
+            out = self.vision_model(pixel_values=pixel_values.to(self.vision_model.dtype),
+                                    output_hidden_states=layer != -1)
+            features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+        grid = self.config.vision_grid
+        num_prefix = features.shape[1] - grid * grid
+        if num_prefix < 0:
+            raise ValueError(f"the vision tower returned {features.shape[1]} tokens, fewer than its "
+                             f"{grid}x{grid} patch grid")
+        # CLIP and DINOv2 put a class token (and DINOv2-reg its registers) before the patches; SigLIP has none.
+        features = downsample_grid(features[:, num_prefix:], grid, self.config.image_grid)
+        return self.projector(features.to(self.projector.fc1.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features written over the image placeholder tokens."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.config.image_token_id
+        num_slots = int(image_mask.sum())
+        if pixel_values is None:
+            if num_slots:
+                raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
+            if self._needs_vision_pass():
+                embeds = embeds + 0.0 * self.encode_images(self._blank_image(embeds)).sum()
+            return embeds
+        features = self.encode_images(pixel_values)
+        if num_slots != features.shape[0] * features.shape[1]:
+            raise ValueError(f"input_ids hold {num_slots} image tokens but the {features.shape[0]} images give "
+                             f"{features.shape[0] * features.shape[1]} features ({features.shape[1]} per image)")
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def _needs_vision_pass(self) -> bool:
+        # Under DDP every trainable parameter must receive a gradient on every rank, or the all-reduce hangs. A
+        # text-only batch therefore runs the projector (and a trainable tower) on a blank image with weight zero.
+        return (self.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()
+                and any(p.requires_grad for p in self.projector.parameters()))
+
+    def _blank_image(self, like: torch.Tensor) -> torch.Tensor:
+        size = self.config.vision_grid * self._patch_size()
+        return torch.zeros(1, 3, size, size, device=like.device, dtype=like.dtype)
+
+    def _patch_size(self) -> int:
+        patch = self.config.vision_config.patch_size
+        return patch if isinstance(patch, int) else patch[0]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> VLMOutput:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        outputs = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                 position_ids=position_ids, past_key_values=past_key_values,
+                                                 use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        head = self.language_model.get_output_embeddings()
+        if labels is None:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            return VLMOutput(logits=head(hidden[:, keep]), past_key_values=outputs.past_key_values)
+        # The LM head runs only where a label is supervised: most positions of a pretrain sample are image tokens,
+        # and Qwen's 151,936-word head is about a quarter of the LLM's FLOPs.
+        targets = labels[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = head(hidden[:, :-1][supervised]).float()
+        loss_sum = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        num_tokens = supervised.sum()
+        return VLMOutput(loss=loss_sum / num_tokens.clamp(min=1), loss_sum=loss_sum, num_tokens=num_tokens,
+                         logits=logits, past_key_values=outputs.past_key_values)
+
+    # ---------------------------------------------------------------- processors, save and load
+    def attach_processors(self, tokenizer, image_processor) -> VLM:
+        """Give the model its tokenizer and image processor, adding the chat and image tokens a tokenizer lacks."""
+        from data import ensure_chat_tokens
+
+        if ensure_chat_tokens(tokenizer, self.config.image_token):
+            self.language_model.resize_token_embeddings(len(tokenizer))
+        self.config.image_token_id = tokenizer.convert_tokens_to_ids(self.config.image_token)
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        for processor in (self.tokenizer, self.image_processor):
+            if processor is not None:
+                processor.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> VLM:
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        path = str(pretrained_model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path) if _has_file(path, "tokenizer_config.json") else None
+        image_processor = (AutoImageProcessor.from_pretrained(path)
+                           if _has_file(path, "preprocessor_config.json") else None)
+        model.tokenizer, model.image_processor = tokenizer, image_processor
+        return model
+
+    # ---------------------------------------------------------------- chat and generation
+    def processor(self):
+        from data import VLMProcessor
+
+        if self.tokenizer is None or self.image_processor is None:
+            raise ValueError("this model has no tokenizer/image processor attached: load it with "
+                             "VLM.from_pretrained(folder) or call model.attach_processors(tokenizer, image_processor)")
+        return VLMProcessor.from_model(self)
+
+    @torch.no_grad()
+    def batch_chat(self, images: list, questions: list[str], histories: list | None = None,
+                   system_prompt: str | None = None, **generation_kwargs) -> list[str]:
+        """Answer several (image, question[, history]) requests in one left-padded batch."""
+        processor = self.processor()
+        batch = processor.encode_generation_batch(images, questions, histories, system_prompt)
+        batch = {k: (v.to(self.device) if v is not None else None) for k, v in batch.items()}
+        kwargs = {"max_new_tokens": 128, "do_sample": False, "eos_token_id": processor.stop_token_ids,
+                  "pad_token_id": processor.pad_token_id, **generation_kwargs}
+        if not kwargs["do_sample"]:
+            kwargs.setdefault("temperature", None)
+            kwargs.setdefault("top_p", None)
+            kwargs.setdefault("top_k", None)
+        output = self.generate(**batch, **kwargs)
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def chat(self, image, question: str, history: list[tuple[str, str]] | None = None,
+             system_prompt: str | None = None, **generation_kwargs) -> str:
+        """One answer. `image`: a PIL image, a path, or None for a text-only question; `history`: earlier
+        (question, answer) pairs of the same conversation. Generation kwargs go to `generate` (a `streamer` too)."""
+        return self.batch_chat([image], [question], [history], system_prompt, **generation_kwargs)[0]
+
+    def stream_chat(self, image, question: str, history: list[tuple[str, str]] | None = None,
+                    system_prompt: str | None = None, **generation_kwargs) -> Iterator[str]:
+        """Like chat(), but yields the answer's text piece by piece as it is generated."""
+        streamer = TextIteratorStreamer(self.processor().tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors = []
+
+        def run():
+            try:
+                self.chat(image, question, history, system_prompt, streamer=streamer, **generation_kwargs)
+            except Exception as error:  # handed to the consumer below, which re-raises it
+                errors.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def _has_file(path: str, name: str) -> bool:
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, name))
+    try:
+        from huggingface_hub import file_exists
+
+        return file_exists(path, name)
+    except Exception:
+        return False
+
+
+AutoConfig.register(VLMConfig.model_type, VLMConfig)
+AutoModel.register(VLMConfig, VLM)
+
+
+# ==================================================================== three ways to build a VLM
+def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
+    """A vision tower from a hub id or folder. For two-tower checkpoints (SigLIP, CLIP) only the vision half loads."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    vision_config = getattr(config, "vision_config", config)
+    return MODEL_MAPPING[type(vision_config)].from_pretrained(name_or_path, **kwargs)
+
+
+def vlm_from_components(vision_model: str = DEFAULT_VISION_MODEL, llm_model: str = DEFAULT_LLM,
+                        dtype: torch.dtype = torch.float32, **config_kwargs) -> VLM:
+    """Stage-1 start: pretrained vision tower + pretrained LLM + a fresh projector (hub ids or local folders)."""
+    vision = load_vision_tower(vision_model, dtype=dtype)
+    language = AutoModelForCausalLM.from_pretrained(llm_model, dtype=dtype)
+    config = VLMConfig(vision_config=vision.config, text_config=language.config, **config_kwargs)
+    model = VLM(config, vision_model=vision, language_model=language).to(dtype)
+    return model.attach_processors(AutoTokenizer.from_pretrained(llm_model),
+                                   AutoImageProcessor.from_pretrained(vision_model))
+
+
+def vlm_from_configs(vision_config: PreTrainedConfig, text_config: PreTrainedConfig, tokenizer, image_processor,
+                     **config_kwargs) -> VLM:
+    """Randomly initialised VLM from small (or real-size) configs: tests, the tiny preset, benchmarks."""
+    config = VLMConfig(vision_config=copy.deepcopy(vision_config), text_config=copy.deepcopy(text_config),
+                       **config_kwargs)
+    return VLM(config).attach_processors(tokenizer, image_processor)
+
+
+# Named sizes in one place. "real" is so400m + Qwen2.5-0.5B with random weights (benchmarks, memory checks);
+# "tiny" and "small" are for tests and CPU runs. Vocabulary size follows the tokenizer given.
+PRESETS = {
+    "tiny": dict(
+        vision=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, image_size=64, patch_size=8),
+        text=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True),
+    ),
+    "small": dict(
+        vision=dict(model_type="siglip_vision_model", hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                    num_attention_heads=6, image_size=224, patch_size=16),
+        text=dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=True),
+    ),
+    "real": dict(
+        vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                    num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14),
+        text=dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    ),
+}
+
+
+def preset_configs(name: str, vocab_size: int) -> tuple[PreTrainedConfig, PreTrainedConfig]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    vision, text = dict(PRESETS[name]["vision"]), dict(PRESETS[name]["text"])
+    vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
+    text_config = AutoConfig.for_model(text.pop("model_type"), vocab_size=vocab_size, **text)
+    return vision_config, text_config
+
+
+def preset_image_processor(vision_config: PreTrainedConfig):
+    """SigLIP's own image processor at the tower's input size (resize, rescale to [-1, 1])."""
+    from transformers import SiglipImageProcessorPil
+
+    size = vision_config.image_size
+    return SiglipImageProcessorPil(size={"height": size, "width": size})
+
+
+def vlm_from_preset(name: str, tokenizer, **config_kwargs) -> VLM:
+    vision_config, text_config = preset_configs(name, vocab_size=len(tokenizer))
+    return vlm_from_configs(vision_config, text_config, tokenizer, preset_image_processor(vision_config),
+                            **config_kwargs)

@@ -1,0 +1,17 @@
+"""Stage 1: align the vision features to the LLM. Only the projector trains by default (LLaVA's recipe).
+
+    python pretrain_train.py --data_path datasets/LLaVA-CC3M-Pretrain-595K/chat.json \
+        --image_dir datasets/LLaVA-CC3M-Pretrain-595K/images --output_dir checkpoints/pretrain
+"""
+
+from utils import run_stage_from_args, stage_parser
+
+
+def main(argv=None):
+    parser = stage_parser(__doc__.splitlines()[0], lr=1e-3, train_vision=False, train_projector=True,
+                          train_llm=False, max_length=1024, batch_size=32)
+    run_stage_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

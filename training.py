@@ -1,0 +1,464 @@
+"""The one training loop behind pretrain, SFT and DPO, with its distributed and checkpoint helpers.
+
+A stage script supplies its defaults, a dataset builder and an objective (the loss of a batch); everything else lives
+here once: device and DDP setup, which modules train, the optimizer with per-module learning rates, warmup + cosine,
+autocast, gradient accumulation normalised over the whole optimizer step, clipping, logging, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+
+from data import ConversationDataset, VLMProcessor, check_data, collate, make_tokenizer, parse_record
+from model import IGNORE_INDEX, VLM, vlm_from_components, vlm_from_preset
+
+MODULE_PREFIXES = {"vision": "vision_model.", "projector": "projector.", "llm": "language_model."}
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ==================================================================== distributed
+@dataclass
+class Runtime:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(device: str | None = None) -> Runtime:
+    """Plain `python` runs on one device; under torchrun each process joins the group (NCCL on GPU, gloo on CPU)."""
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        target = torch.device("cuda", local_rank)
+    else:
+        target = torch.device(device or "cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(rank, local_rank, world_size, target)
+
+
+def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ==================================================================== model, trainable modules, optimizer
+def build_model(args, tokenizer_texts=None) -> VLM:
+    """From a VLM checkpoint (--model_path), a named preset (--preset), or two pretrained components."""
+    if args.model_path:
+        return VLM.from_pretrained(args.model_path)
+    if args.preset:
+        if args.tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        else:  # nothing pretrained: a small BPE learnt from the training text itself
+            tokenizer = make_tokenizer(tokenizer_texts(), vocab_size=args.tokenizer_vocab_size)
+        return vlm_from_preset(args.preset, tokenizer)
+    return vlm_from_components(args.vision_model, args.llm_model)
+
+
+def set_trainable(model: VLM, vision: bool, projector: bool, llm: bool) -> None:
+    for key, flag in (("vision", vision), ("projector", projector), ("llm", llm)):
+        module_of(model, key).requires_grad_(flag)
+
+
+def module_of(model: VLM, key: str) -> torch.nn.Module:
+    return getattr(model, MODULE_PREFIXES[key].rstrip("."))
+
+
+def trainable_parameters(model: VLM) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def set_train_mode(model: VLM) -> None:
+    """Trainable modules in train mode; frozen ones in eval mode, computing what they compute at inference."""
+    model.train()
+    for key in MODULE_PREFIXES:
+        module = module_of(model, key)
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def build_optimizer(model: VLM, args) -> torch.optim.Optimizer:
+    """AdamW with one learning rate per module; no weight decay on biases and norms."""
+    groups = []
+    for key, prefix in MODULE_PREFIXES.items():
+        lr = getattr(args, f"{key}_lr") or args.lr
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith(prefix) and p.requires_grad]
+        for suffix, decay in (("", True), ("_no_decay", False)):
+            chosen = [p for _, p in params if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": args.weight_decay if decay else 0.0,
+                               "name": key + suffix})
+    if not groups:
+        raise ValueError("nothing to train: every module is frozen")
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+
+
+# ==================================================================== objectives
+class LanguageModelingObjective:
+    """Next-token loss on the supervised tokens; the loop divides its sum by the step's global token count."""
+
+    def count(self, batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return model(**batch).loss_sum, {}
+
+
+# ==================================================================== data order that can resume mid-epoch
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch part-way through, so a resumed run sees the same batches."""
+
+    def __init__(self, dataset, runtime: Runtime, seed: int):
+        super().__init__(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class BatchStream:
+    """Endless micro-batches across epochs; `epoch` and `batch_in_epoch` are the position a checkpoint stores."""
+
+    def __init__(self, loader, sampler: ResumableSampler, batch_size: int, epoch: int = 0, batch_in_epoch: int = 0):
+        self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self._iterator = None
+
+    def next(self) -> dict:
+        while True:
+            if self._iterator is None:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.start = self.batch_in_epoch * self.batch_size
+                self._iterator = iter(self.loader)
+            try:
+                batch = next(self._iterator)
+                self.batch_in_epoch += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batch_in_epoch, self._iterator = self.epoch + 1, 0, None
+
+
+# ==================================================================== checkpoints
+def save_checkpoint(output_dir: str, step: int, model: VLM, optimizer, scheduler, scaler, state: dict,
+                    runtime: Runtime, keep: int) -> str:
+    """Write checkpoint-STEP/ atomically: into a temporary folder, renamed into place once complete."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    temporary = final + ".tmp"
+    if runtime.is_main:
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    barrier(runtime)
+    torch.save(rng_state(), os.path.join(temporary, f"rng_state_{runtime.rank}.pt"))
+    if runtime.is_main:
+        tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
+        save_file(tensors, os.path.join(temporary, "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(temporary, "optimizer.pt"))
+        torch.save(scheduler.state_dict(), os.path.join(temporary, "scheduler.pt"))
+        torch.save(scaler.state_dict(), os.path.join(temporary, "scaler.pt"))
+        with open(os.path.join(temporary, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+    barrier(runtime)
+    if runtime.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(temporary, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    barrier(runtime)
+    return final
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (a .tmp folder left by a crash is not one)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def load_checkpoint(path: str, model: VLM, optimizer, scheduler, scaler, runtime: Runtime) -> dict:
+    """Restore everything save_checkpoint wrote; a mismatch in the trainable tensors is an error, never ignored."""
+    tensors = load_file(os.path.join(path, "trainable.safetensors"))
+    params = trainable_parameters(model)
+    if set(tensors) != set(params):
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise ValueError(f"{path} does not match the trainable parameters of this run: missing {missing[:5]} "
+                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}); resume with the "
+                         f"same model and freeze flags")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+    load = partial(torch.load, weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(load(os.path.join(path, "optimizer.pt")))
+    scheduler.load_state_dict(load(os.path.join(path, "scheduler.pt")))
+    scaler.load_state_dict(load(os.path.join(path, "scaler.pt")))
+    rng_file = os.path.join(path, f"rng_state_{runtime.rank}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(load(rng_file))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_final_model(model: VLM, output_dir: str) -> None:
+    """A plain VLM.from_pretrained folder in output_dir, its files moved into place only once all are written."""
+    temporary = os.path.join(output_dir, ".final.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    for name in os.listdir(temporary):
+        os.replace(os.path.join(temporary, name), os.path.join(output_dir, name))
+    os.rmdir(temporary)
+
+
+# ==================================================================== the loop
+class MetricLogger:
+    """tqdm on the main process, one JSON line per logged step in output_dir/log.jsonl, wandb when asked."""
+
+    def __init__(self, args, runtime: Runtime, total_steps: int, start_step: int):
+        self.enabled = runtime.is_main
+        self.path = os.path.join(args.output_dir, "log.jsonl")
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, desc="train",
+                        dynamic_ncols=True)
+        self.wandb = None
+        if self.enabled and args.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args),
+                                    resume="allow")
+
+    def log(self, step: int, record: dict, write: bool) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             tok_s=f"{record['tokens_per_s']:.0f}")
+        if write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
+            if self.wandb is not None:
+                self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) -> None:
+    """Run the optimizer steps asked for, resuming from the newest checkpoint when --resume is given."""
+    model.to(runtime.device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    amp_dtype = resolve_dtype(args.dtype, runtime.device)
+    sampler = ResumableSampler(dataset, runtime, args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                         collate_fn=collate_fn, num_workers=args.num_workers,
+                                         pin_memory=runtime.device.type == "cuda",
+                                         persistent_workers=False)
+    steps_per_epoch = max(1, math.ceil(len(sampler) / args.batch_size) // args.grad_accum)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
+    optimizer = build_optimizer(model, args)
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
+    run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum}
+
+    step, stream = 0, BatchStream(loader, sampler, args.batch_size)
+    checkpoints = list_checkpoints(args.output_dir)
+    if args.resume and checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, scaler, runtime)
+        if state["run_shape"] != run_shape:
+            raise ValueError(f"{checkpoints[-1]} was written with {state['run_shape']}, this run has {run_shape}: "
+                             f"the data order would differ, so it cannot resume exactly")
+        step = state["step"]
+        stream = BatchStream(loader, sampler, args.batch_size, state["epoch"], state["batch_in_epoch"])
+        if runtime.is_main:
+            print(f"resumed from {checkpoints[-1]} at step {step}")
+    elif args.resume and runtime.is_main:
+        print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
+
+    ddp_model = (DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
+                                         else None) if runtime.distributed else model)
+    set_train_mode(model)
+    autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    logger = MetricLogger(args, runtime, total_steps, step)
+    params = list(trainable_parameters(model).values())
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+            micro_batches = [stream.next() for _ in range(args.grad_accum)]
+            # Every token of the optimizer step weighs the same, whichever micro-batch or rank it sits in: divide
+            # each micro-batch's summed loss by the step's global count. (DDP averages gradients over ranks, hence
+            # the factor world_size.)
+            counts = torch.tensor([sum(objective.count(b) for b in micro_batches),
+                                   sum(int(b["attention_mask"].sum()) for b in micro_batches)],
+                                  dtype=torch.float64, device=runtime.device)
+            num_items, num_tokens = all_reduce_sum(counts, runtime).tolist()
+            step_loss = torch.zeros((), dtype=torch.float64, device=runtime.device)
+            metric_sums: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(micro_batches):
+                batch = {k: (v.to(runtime.device, non_blocking=True) if torch.is_tensor(v) else v)
+                         for k, v in batch.items()}
+                sync = not runtime.distributed or i == len(micro_batches) - 1
+                with (nullcontext() if sync else ddp_model.no_sync()), autocast:
+                    loss_sum, metrics = objective(ddp_model, batch)
+                    loss = loss_sum * runtime.world_size / max(num_items, 1)
+                scaler.scale(loss).backward()
+                step_loss += loss_sum.detach().double()
+                for name, value in metrics.items():
+                    metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0
+                                                       else float("inf"))
+            reduced = all_reduce_sum(torch.stack([step_loss, *metric_sums.values()]), runtime) / max(num_items, 1)
+            if not torch.isfinite(reduced[0]) or (amp_dtype != torch.float16 and not torch.isfinite(grad_norm)):
+                raise FloatingPointError(
+                    f"step {step + 1}: loss {reduced[0].item()} / grad norm {grad_norm.item()} is not finite; "
+                    f"stopping without saving. The last good checkpoint stays in {args.output_dir}. Try "
+                    f"--dtype bf16 (or fp32), a lower --lr, or check the data of this step")
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            elapsed = time.perf_counter() - started
+            record = {"loss": reduced[0].item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+                      "epoch": stream.epoch + stream.batch_in_epoch / max(len(loader), 1),
+                      "supervised_tokens": int(num_items), "tokens_per_s": num_tokens / elapsed,
+                      "samples_per_s": args.batch_size * args.grad_accum * runtime.world_size / elapsed,
+                      **{name: value.item() for name, value in zip(metric_sums, reduced[1:])}}
+            logger.log(step, record, write=step % args.logging_steps == 0 or step == total_steps)
+            if args.save_steps > 0 and (step % args.save_steps == 0 or step == total_steps):
+                state = {"step": step, "epoch": stream.epoch, "batch_in_epoch": stream.batch_in_epoch,
+                         "run_shape": run_shape}
+                save_checkpoint(args.output_dir, step, model, optimizer, scheduler, scaler, state, runtime,
+                                args.save_total_limit)
+    finally:
+        logger.close()
+
+
+# ==================================================================== a whole stage
+def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = True) -> ConversationDataset:
+    return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate)
+
+
+def run_stage(args, build_dataset=build_conversation_dataset, objective=None) -> VLM | None:
+    """Everything a stage script does after parsing its flags: build, check or train, save."""
+    runtime = setup_runtime(args.device)
+    seed_everything(args.seed)
+    torch.set_float32_matmul_precision("high")
+    if runtime.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+    model = build_model(args, tokenizer_texts=lambda: training_texts(args.data_path))
+    set_trainable(model, args.train_vision, args.train_projector, args.train_llm)
+    processor = VLMProcessor.from_model(model, args.max_length)
+    if args.check_data:
+        return report_data_check(build_dataset(args, processor, validate=False))
+    dataset = build_dataset(args, processor)
+    if runtime.is_main:
+        describe_run(model, dataset, runtime, args)
+    train(args, runtime, model, dataset, objective or LanguageModelingObjective(),
+          partial(collate, pad_token_id=processor.pad_token_id))
+    if runtime.is_main:
+        save_final_model(model, args.output_dir)
+        print(f"saved the final model to {args.output_dir}")
+    barrier(runtime)
+    if runtime.distributed:
+        dist.destroy_process_group()
+    return model
+
+
+def training_texts(paths: list[str]):
+    """Every message of the training files, for learning a preset's tokenizer."""
+    from data import load_records
+
+    for path in paths:
+        for i, record in enumerate(load_records(path)):
+            for message in parse_record(record, f"{path}: sample {i}").messages:
+                yield message["content"]
+
+
+def describe_run(model: VLM, dataset, runtime: Runtime, args) -> None:
+    counts = {key: (sum(p.numel() for p in module_of(model, key).parameters()),
+                    sum(p.numel() for p in module_of(model, key).parameters() if p.requires_grad))
+              for key in MODULE_PREFIXES}
+    parts = ", ".join(f"{key} {total / 1e6:.2f}M ({'trained' if trained else 'frozen'})"
+                      for key, (total, trained) in counts.items())
+    print(f"model: {parts}; {model.config.num_image_tokens} image tokens per image")
+    print(f"data: {len(dataset)} samples; {runtime.world_size} process(es) x batch {args.batch_size} x "
+          f"accumulation {args.grad_accum} on {runtime.device}")
+
+
+def report_data_check(dataset: ConversationDataset) -> None:
+    summary = check_data(dataset)
+    for message in summary["problems"][:20]:
+        print(message)
+    if len(summary["problems"]) > 20:
+        print(f"... and {len(summary['problems']) - 20} more problems")
+    print(json.dumps({k: v for k, v in summary.items() if k != "problems"}))
+    if summary["bad"]:
+        raise SystemExit(1)

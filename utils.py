@@ -1,0 +1,85 @@
+"""Shared entry points of the three stage scripts: their command-line flags and the stage runner.
+
+The code itself is split by concern: `data.py` (records, validation, chat-template tokenisation, collate) and
+`training.py` (the one training loop, distributed and checkpoint helpers). This module imports neither until a
+stage runs, so `--help` works without loading torch or transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# The real recipe's components; model.py builds from these when no other is named.
+DEFAULT_VISION_MODEL = "google/siglip-so400m-patch14-384"
+DEFAULT_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
+    """The flags every stage shares; a stage passes its own defaults (learning rate, what trains, ...)."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    on_off = argparse.BooleanOptionalAction
+
+    model = parser.add_argument_group("model (give one of --model_path, --preset, or the two components)")
+    model.add_argument("--model_path", default=None, help="a VLM checkpoint folder to start from")
+    model.add_argument("--vision_model", default=DEFAULT_VISION_MODEL, help="vision tower: hub id or folder")
+    model.add_argument("--llm_model", default=DEFAULT_LLM, help="causal LM and its tokenizer: hub id or folder")
+    model.add_argument("--preset", default=None, choices=["tiny", "small", "real"],
+                       help="build a randomly initialised VLM of a named size instead of loading components")
+    model.add_argument("--tokenizer", default=None,
+                       help="tokenizer for --preset (hub id or folder); default: a BPE learnt from the training text")
+    model.add_argument("--tokenizer_vocab_size", type=int, default=512, help="vocabulary of that learnt BPE")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_path", nargs="+", required=True,
+                      help="LLaVA JSON/JSONL, parquet, or saved datasets folders (several are concatenated)")
+    data.add_argument("--image_dir", default=None, help="folder that the records' image paths are relative to")
+    data.add_argument("--max_length", type=int, default=2048,
+                      help="longest sample in tokens, image tokens included; longer ones are errors (never cut)")
+    data.add_argument("--check_data", action="store_true",
+                      help="validate every sample (images decoded, tokens counted), print a summary and exit")
+    data.add_argument("--skip_bad_samples", action="store_true",
+                      help="drop and count unusable samples instead of stopping at the first")
+    data.add_argument("--num_workers", type=int, default=2, help="dataloader worker processes per rank")
+
+    train = parser.add_argument_group("optimisation")
+    train.add_argument("--output_dir", required=True, help="checkpoints, log.jsonl and the final model go here")
+    train.add_argument("--num_epochs", type=float, default=1.0, help="passes over the data (if --max_steps <= 0)")
+    train.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_epochs if > 0")
+    train.add_argument("--batch_size", type=int, default=8, help="samples per device per micro-batch")
+    train.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--lr", type=float, default=2e-5, help="learning rate of every module without its own")
+    train.add_argument("--projector_lr", type=float, default=None, help="projector learning rate (default --lr)")
+    train.add_argument("--llm_lr", type=float, default=None, help="LLM learning rate (default --lr)")
+    train.add_argument("--vision_lr", type=float, default=None, help="vision tower learning rate (default --lr)")
+    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    train.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warmup, as a share of all steps")
+    train.add_argument("--warmup_steps", type=int, default=-1, help="linear warmup steps; overrides the ratio")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (<= 0: off)")
+    train.add_argument("--train_vision", action=on_off, default=False, help="train the vision tower")
+    train.add_argument("--train_projector", action=on_off, default=True, help="train the projector")
+    train.add_argument("--train_llm", action=on_off, default=True, help="train the language model")
+    train.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    train.add_argument("--seed", type=int, default=42, help="seeds initialisation and data order")
+
+    ckpt = parser.add_argument_group("checkpoints and logging")
+    ckpt.add_argument("--save_steps", type=int, default=500, help="write checkpoint-STEP/ every this many steps")
+    ckpt.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept (oldest deleted first)")
+    ckpt.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
+    ckpt.add_argument("--logging_steps", type=int, default=10, help="append to log.jsonl every this many steps")
+    ckpt.add_argument("--wandb_project", default=None, help="log to this Weights & Biases project (off if unset)")
+    ckpt.add_argument("--wandb_run_name", default=None, help="Weights & Biases run name")
+
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def run_stage_from_args(args, **stage) -> None:
+    from training import run_stage
+
+    run_stage(args, **stage)
