@@ -68,9 +68,7 @@ class VLMConfig(PreTrainedConfig):
         size, patch = self.vision_config.image_size, self.vision_config.patch_size
         size = size if isinstance(size, int) else size[0]
         patch = patch if isinstance(patch, int) else patch[0]
-        if size % patch:
-            raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}")
-        return size // patch
+        return size // patch  # a stride-`patch` convolution drops the remainder: 384 // 14 = 27
 
     @property
     def image_grid(self) -> int:
@@ -143,6 +141,9 @@ class VLM(PreTrainedModel, GenerationMixin):
                                else AutoModelForCausalLM.from_config(config.text_config))
         # One config object per component: a resize of the embeddings must show in the saved VLM config too.
         config.vision_config, config.text_config = self.vision_model.config, self.language_model.config
+        # Building VLMConfig around loaded components resets their attention choice; give them the VLM's.
+        for sub_config in (config.vision_config, config.text_config):
+            sub_config._attn_implementation = sub_config._attn_implementation or config._attn_implementation
         text_size = config.text_config.hidden_size
         self.projector = Projector(config.vision_config.hidden_size, config.projector_hidden_size or text_size,
                                    text_size)

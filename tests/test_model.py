@@ -1,0 +1,231 @@
+"""The VLM: geometry, spatial downsampling, the three ways to build it, the loss, and generation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import draw_image, tiny_vlm
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, SiglipImageProcessorPil,
+                          BitImageProcessorPil, CLIPImageProcessorPil)
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from data import VLMProcessor
+from model import VLM, VLMConfig, downsample_grid, preset_configs, vlm_from_components
+
+QUESTION = "What colour is the square?"
+
+
+def test_real_geometry_gives_169_image_tokens_from_the_configs():
+    vision, text = preset_configs("real", vocab_size=151936)
+    config = VLMConfig(vision_config=vision, text_config=text)
+    assert (config.vision_grid, config.image_grid, config.num_image_tokens) == (27, 13, 169)
+    assert VLMConfig(vision_config=preset_configs("tiny", 300)[0]).num_image_tokens == 16
+
+
+def test_downsampling_merges_spatial_neighbours_not_raster_runs():
+    grid = torch.zeros(1, 16, 1)  # a 4x4 grid, one channel, raster order
+
+    def out_after_bump(row, col):
+        bumped = grid.clone()
+        bumped[0, row * 4 + col] = 1.0
+        return downsample_grid(bumped, 4, 2)[0, :, 0].reshape(2, 2)
+
+    top_right = out_after_bump(0, 3)  # a raster-order merge would put this patch in output token 0 (top-left)
+    assert top_right[0, 1] > 0 and top_right[1, 0] == 0 and top_right[1, 1] == 0
+    bottom_left = out_after_bump(3, 0)
+    assert bottom_left[1, 0] > 0 and bottom_left[0, 1] == 0 and bottom_left[0, 0] == 0
+
+
+# ---------------------------------------------------------------- components from folders
+def plain_bpe_tokenizer():
+    """A GPT-2-like tokenizer: no chat template, no chat or image tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["a red circle", "What colour is the square?"] * 5,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+COMBOS = {
+    "siglip+qwen2": (dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, image_size=32, patch_size=8),
+                     lambda: SiglipImageProcessorPil(size={"height": 32, "width": 32}), 0,
+                     dict(model_type="qwen2", num_key_value_heads=2, tie_word_embeddings=True, **SMALL_TEXT), "qwen"),
+    "clip+llama": (dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, image_size=32, patch_size=8),
+                   lambda: CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   1, dict(model_type="llama", num_key_value_heads=2, **SMALL_TEXT), "toy"),
+    "dinov2-registers+gpt2": (dict(model_type="dinov2_with_registers", hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+                                   num_register_tokens=4),
+                              lambda: BitImageProcessorPil(size={"shortest_edge": 32},
+                                                           crop_size={"height": 32, "width": 32}), 5,
+                              dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=512), "plain"),
+}
+
+
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_build_from_saved_component_folders(tmp_path, combo, qwen_tokenizer, toy_tokenizer):
+    vision_kwargs, make_processor, num_prefix, text_kwargs, tokenizer_kind = COMBOS[combo]
+    tokenizer = {"qwen": qwen_tokenizer, "toy": toy_tokenizer, "plain": plain_bpe_tokenizer()}[tokenizer_kind]
+    vision_kwargs, text_kwargs = dict(vision_kwargs), dict(text_kwargs)
+    torch.manual_seed(0)
+    vision = MODEL_MAPPING[type(AutoConfig.for_model(vision_kwargs["model_type"]))](
+        AutoConfig.for_model(vision_kwargs.pop("model_type"), **vision_kwargs))
+    language = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(text_kwargs.pop("model_type"), vocab_size=len(tokenizer), **text_kwargs))
+    vision.save_pretrained(tmp_path / "vision")
+    make_processor().save_pretrained(tmp_path / "vision")
+    language.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+
+    model = vlm_from_components(str(tmp_path / "vision"), str(tmp_path / "llm")).eval()
+
+    # The pretrained weights arrive untouched (no re-initialisation), and the tower's prefix tokens are dropped.
+    for name, tensor in vision.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    n_vocab = language.get_input_embeddings().weight.shape[0]
+    assert torch.equal(model.language_model.get_input_embeddings().weight[:n_vocab],
+                       language.get_input_embeddings().weight)
+    assert model.config.num_image_tokens == 4
+    pixel_values = torch.zeros(1, 3, 32, 32)
+    assert vision(pixel_values=pixel_values).last_hidden_state.shape[1] == 16 + num_prefix
+    assert model.encode_images(pixel_values).shape == (1, 4, 32)
+    # A tokenizer without a chat template or image token gets them, and the embeddings grow to match.
+    assert model.language_model.get_input_embeddings().weight.shape[0] >= len(model.tokenizer)
+    assert model.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
+
+    image = tmp_path / "im.png"
+    draw_image(str(image), 1, size=40)
+    batch = VLMProcessor.from_model(model).encode_sample(
+        __import__("data").Sample([{"role": "user", "content": "<image>\nhi"},
+                                   {"role": "assistant", "content": "a red circle"}], [str(image)], "t"), None)
+    model.train()
+    out = model(input_ids=batch["input_ids"][None], pixel_values=batch["pixel_values"],
+                labels=batch["labels"][None])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.projector.fc1.weight.grad.abs().sum() > 0
+
+    model.eval()
+    model.save_pretrained(tmp_path / "vlm")
+    reloaded = VLM.from_pretrained(str(tmp_path / "vlm")).eval()
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"][None], pixel_values=batch["pixel_values"], labels=batch["labels"][None])
+        b = reloaded(input_ids=batch["input_ids"][None], pixel_values=batch["pixel_values"],
+                     labels=batch["labels"][None])
+    assert torch.equal(a.logits, b.logits)
+    assert model.chat(str(image), QUESTION, max_new_tokens=4, min_new_tokens=4) == \
+        reloaded.chat(str(image), QUESTION, max_new_tokens=4, min_new_tokens=4)
+
+
+# ---------------------------------------------------------------- forward and loss
+@pytest.fixture(scope="module")
+def model(toy_tokenizer):
+    return tiny_vlm(toy_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    draw_image(str(path), 2, size=64)
+    return Image.open(path).convert("RGB")
+
+
+def encode(model, messages, images):
+    processor = VLMProcessor.from_model(model)
+    encoded = processor.encode_chat(messages)
+    return {"input_ids": encoded["input_ids"][None], "labels": encoded["labels"][None],
+            "pixel_values": processor.pixel_values(images)}
+
+
+TURNS = [{"role": "user", "content": "<image>\nWhat is this?"}, {"role": "assistant", "content": "a red circle"},
+         {"role": "user", "content": "Yes?"}, {"role": "assistant", "content": "No"}]
+
+
+def test_loss_on_supervised_positions_equals_full_logits_loss(model, image):
+    batch = encode(model, TURNS, [image])
+    with torch.no_grad():
+        out = model(**batch)
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+        full_logits = model.language_model(inputs_embeds=embeds).logits
+    reference = F.cross_entropy(full_logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+    assert torch.allclose(out.loss, reference, atol=1e-6)
+    assert out.num_tokens == (batch["labels"] != -100).sum() and out.logits.shape[0] == out.num_tokens
+
+
+def test_image_features_land_on_the_placeholders(model, image):
+    batch = encode(model, TURNS, [image])
+    with torch.no_grad():
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+        features = model.encode_images(batch["pixel_values"])
+        text = model.language_model.get_input_embeddings()(batch["input_ids"])
+    mask = batch["input_ids"][0] == model.config.image_token_id
+    assert torch.equal(embeds[0, mask], features[0])
+    assert torch.equal(embeds[0, ~mask], text[0, ~mask])
+
+
+def test_image_token_and_feature_counts_must_agree(model, image):
+    batch = encode(model, TURNS, [image])
+    with pytest.raises(ValueError, match=r"hold 16 image tokens but the 2 images give 32 features"):
+        model(input_ids=batch["input_ids"], pixel_values=torch.cat([batch["pixel_values"]] * 2))
+    with pytest.raises(ValueError, match=r"hold 16 image tokens but no pixel_values"):
+        model(input_ids=batch["input_ids"])
+
+
+def test_tokenizer_without_image_token_gets_one_and_embeddings_grow(tmp_path):
+    tokenizer = plain_bpe_tokenizer()
+    before = len(tokenizer)
+    model = tiny_vlm(tokenizer)
+    assert len(model.tokenizer) > before
+    assert model.language_model.get_input_embeddings().weight.shape[0] == len(model.tokenizer)
+    assert model.config.text_config.vocab_size == len(model.tokenizer)
+
+
+# ---------------------------------------------------------------- generation
+GEN = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)  # min_new_tokens: compare 10 real tokens
+
+
+def generate_ids(model, images, questions, histories=None, **kwargs):
+    """Greedy new-token ids per request, through the same prompt encoding chat() uses."""
+    processor = VLMProcessor.from_model(model)
+    batch = processor.encode_generation_batch(images, questions, histories)
+    out = model.generate(**batch, pad_token_id=processor.pad_token_id, **GEN, **kwargs)
+    return out[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_greedy_with_and_without_cache_agree(model, image):
+    with_cache = generate_ids(model, [image], [QUESTION])
+    assert len(with_cache[0]) == 10
+    assert with_cache == generate_ids(model, [image], [QUESTION], use_cache=False)
+    assert model.chat(image, QUESTION, **GEN) == model.chat(image, QUESTION, use_cache=False, **GEN)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(model, image, tmp_path):
+    other = tmp_path / "other.png"
+    draw_image(str(other), 5, size=64)
+    images = [image, None, str(other), image]
+    questions = [QUESTION, "hi", "Is there a green triangle in the picture at all?", "Yes?"]
+    histories = [None, None, None, [("What is this?", "a red circle")]]
+    batched = generate_ids(model, images, questions, histories)
+    single = [generate_ids(model, [i], [q], [h])[0] for i, q, h in zip(images, questions, histories)]
+    assert batched == single
+    assert model.batch_chat(images, questions, histories, **GEN) == \
+        [model.chat(i, q, h, **GEN) for i, q, h in zip(images, questions, histories)]
+
+
+def test_streaming_yields_the_same_answer(model, image):
+    pieces = list(model.stream_chat(image, QUESTION, **GEN))
+    assert len(pieces) > 1 and "".join(pieces).strip() == model.chat(image, QUESTION, **GEN)
+    ids = generate_ids(model, [image], [QUESTION])[0]
+    assert "".join(pieces).strip() == model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_second_turn_sees_the_first(model, image):
+    processor = VLMProcessor.from_model(model)
+    batch = processor.encode_generation_batch([image], ["And now?"], [[(QUESTION, "a red circle")]])
+    text = model.tokenizer.decode(batch["input_ids"][0])
+    assert text.index("<|image_pad|>") < text.index(QUESTION) < text.index("a red circle") < text.index("And now?")
+    assert text.count("<|image_pad|>") == model.config.num_image_tokens
