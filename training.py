@@ -379,6 +379,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                     f"step {step + 1}: loss {reduced[0].item()} / grad norm {grad_norm.item()} is not finite; "
                     f"stopping without saving. The last good checkpoint stays in {args.output_dir}. Try "
                     f"--dtype bf16 (or fp32), a lower --lr, or check the data of this step")
+            lr = scheduler.get_last_lr()[0]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -386,7 +387,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
             step += 1
 
             elapsed = time.perf_counter() - started
-            record = {"loss": reduced[0].item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item(),
+            record = {"loss": reduced[0].item(), "lr": lr, "grad_norm": grad_norm.item(),
                       "epoch": stream.epoch + stream.batch_in_epoch / max(len(loader), 1),
                       "supervised_tokens": int(num_items), "tokens_per_s": num_tokens / elapsed,
                       "samples_per_s": args.batch_size * args.grad_accum * runtime.world_size / elapsed,

@@ -1,0 +1,236 @@
+"""The shared training loop: loss normalisation, DDP equivalence, exact resume after SIGKILL, frozen modules,
+checkpoints, the NaN guard and the stage scripts' command lines."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, tiny_vlm, write_llava_json
+from safetensors.torch import load_file
+
+import pretrain_train
+import sft_train
+from data import VLMProcessor, collate
+from model import VLM
+from training import LanguageModelingObjective, list_checkpoints, run_stage
+
+TIMEOUT = 300
+
+
+def common_args(data, out, *extra):
+    path, image_dir = data
+    return ["--data_path", path, "--image_dir", image_dir, "--output_dir", str(out), "--num_workers", "0",
+            "--logging_steps", "1", "--lr", "1e-3", "--dtype", "fp32", *extra]
+
+
+def read_log(out) -> dict[int, dict]:
+    """Last record per step (a killed-and-resumed run logs some steps twice)."""
+    records = {}
+    with open(os.path.join(out, "log.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            records[record["step"]] = record
+    return records
+
+
+def final_weights(out) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def assert_same_run(log_a, log_b, steps, rtol=1e-5):
+    for step in steps:
+        for key in ("loss", "grad_norm"):
+            assert log_a[step][key] == pytest.approx(log_b[step][key], rel=rtol), (step, key)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_llava_json(str(tmp_path / "data"), 16, text_only={5})
+
+
+# ---------------------------------------------------------------- loss normalisation
+def test_loss_normaliser_makes_accumulated_gradients_equal_full_batch(toy_tokenizer, data):
+    """The loop's rule (sum of token losses / tokens of the whole step) against a single full batch, and the
+    per-micro-batch mean that nanoVLM-style loops use, which must differ here (samples of unequal length)."""
+    model = tiny_vlm(toy_tokenizer).train()
+    processor = VLMProcessor.from_model(model)
+    from data import ConversationDataset
+
+    dataset = ConversationDataset([data[0]], processor, data[1])
+    samples = [dataset[i] for i in range(4)]
+    objective = LanguageModelingObjective()
+
+    def grads(micro_batches, normalise):
+        model.zero_grad()
+        total = sum(objective.count(b) for b in micro_batches)
+        for batch in micro_batches:
+            loss_sum, _ = objective(model, batch)
+            (loss_sum / total if normalise == "step" else loss_sum / objective.count(batch) / len(micro_batches)
+             ).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    pad = toy_tokenizer.pad_token_id
+    full = grads([collate(samples, pad)], "step")
+    accumulated = grads([collate(samples[:1], pad), collate(samples[1:3], pad), collate(samples[3:], pad)], "step")
+    naive = grads([collate(samples[:1], pad), collate(samples[1:3], pad), collate(samples[3:], pad)], "mean")
+    assert torch.allclose(accumulated, full, atol=1e-6)
+    assert not torch.allclose(naive, full, atol=1e-4)
+
+
+def test_accumulation_steps_equal_one_big_batch(tmp_path, data):
+    logs = {}
+    for batch_size, accumulation in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"b{batch_size}"
+        sft_train.main(common_args(data, out, "--preset", "tiny", "--max_steps", "3", "--batch_size",
+                                   str(batch_size), "--grad_accum", str(accumulation), "--save_steps", "0"))
+        logs[batch_size] = read_log(out)
+    assert_same_run(logs[4], logs[2], [1, 2, 3])
+    assert_same_run(logs[4], logs[1], [1, 2, 3])
+    assert logs[4][1]["supervised_tokens"] == logs[1][1]["supervised_tokens"]
+
+
+def text_only_for_rank_one_first(n=16, seed=42, batch_size=2):
+    """Indices that DistributedSampler (2 ranks, epoch 0) hands rank 1 as its first batch."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    order = torch.randperm(n, generator=generator).tolist()
+    return set(order[1::2][:batch_size])
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
+    # Rank 1's first batch is text-only: the vision pass with weight zero must keep DDP from hanging.
+    data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = ["--preset", "tiny", "--max_steps", "4", "--save_steps", "0"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "sft_train.py"), *common_args(data, tmp_path / "two", *steps),
+                          "--batch_size", "2"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es) x batch 2" in two.stdout
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "sft_train.py"),
+                          *common_args(data, tmp_path / "one", *steps), "--batch_size", "4"],
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert_same_run(read_log(tmp_path / "two"), read_log(tmp_path / "one"), [1, 2, 3, 4])
+    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data):
+    args = ["--preset", "tiny", "--max_steps", "40", "--save_steps", "4", "--batch_size", "4",
+            "--save_total_limit", "3"]
+    script = [sys.executable, os.path.join(ROOT, "sft_train.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*script, *common_args(data, tmp_path / "whole", *args)], env=env, check=True,
+                   capture_output=True, timeout=TIMEOUT)
+
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen([*script, *common_args(data, killed_dir, *args)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + TIMEOUT
+    while not (killed_dir / "checkpoint-8").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed_dir / "model.safetensors").exists(), "the run finished before it could be killed"
+    resumed_from = int(os.path.basename(list_checkpoints(str(killed_dir))[-1]).split("-")[1])
+    assert 8 <= resumed_from < 40
+
+    resumed = subprocess.run([*script, *common_args(data, killed_dir, *args), "--resume"], env=env,
+                             capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed_dir}/checkpoint-{resumed_from}" in resumed.stdout
+    whole, again = read_log(tmp_path / "whole"), read_log(killed_dir)
+    for step in range(resumed_from + 1, 41):
+        assert again[step]["loss"] == whole[step]["loss"], step
+    a, b = final_weights(tmp_path / "whole"), final_weights(killed_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list_checkpoints(str(killed_dir))) == 3
+
+
+def test_partial_checkpoint_is_ignored_and_mismatched_resume_refused(tmp_path, data):
+    out = tmp_path / "run"
+    args = common_args(data, out, "--preset", "tiny", "--max_steps", "2", "--save_steps", "1", "--batch_size", "4")
+    sft_train.main(args)
+    (out / "checkpoint-99.tmp").mkdir()  # what a crash during a save leaves behind
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-1", "checkpoint-2"]
+    with pytest.raises(ValueError, match="does not match the trainable parameters"):
+        sft_train.main(args + ["--resume", "--max_steps", "3", "--no-train_llm"])
+    with pytest.raises(ValueError, match="cannot resume exactly"):
+        sft_train.main(args + ["--resume", "--max_steps", "3", "--batch_size", "2"])
+
+
+class NaNAtStep2(LanguageModelingObjective):
+    calls = 0
+
+    def __call__(self, model, batch):
+        NaNAtStep2.calls += 1
+        loss_sum, metrics = super().__call__(model, batch)
+        return (loss_sum * float("nan") if NaNAtStep2.calls == 2 else loss_sum), metrics
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
+    out = tmp_path / "run"
+    args = sft_train.stage_parser("t").parse_args(
+        common_args(data, out, "--preset", "tiny", "--max_steps", "4", "--save_steps", "1", "--batch_size", "4"))
+    with pytest.raises(FloatingPointError, match="step 2: loss nan"):
+        run_stage(args, objective=NaNAtStep2())
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-1"]
+    assert not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- what trains
+def changed(before: dict, after: dict, prefix: str) -> list[bool]:
+    return [not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)]
+
+
+def test_frozen_modules_stay_bit_identical_and_trained_ones_change(tmp_path, data, toy_tokenizer):
+    start = tmp_path / "start"
+    tiny_vlm(toy_tokenizer).save_pretrained(start)
+    before = final_weights(start)
+    steps = ["--max_steps", "3", "--save_steps", "0", "--batch_size", "4"]
+
+    pretrain_train.main(common_args(data, tmp_path / "pre", "--model_path", str(start), *steps))
+    after = final_weights(tmp_path / "pre")
+    assert not any(changed(before, after, "vision_model.")) and not any(changed(before, after, "language_model."))
+    assert all(changed(before, after, "projector."))
+
+    sft_train.main(common_args(data, tmp_path / "sft", "--model_path", str(tmp_path / "pre"), *steps))
+    final = final_weights(tmp_path / "sft")
+    assert not any(changed(after, final, "vision_model."))
+    assert all(changed(after, final, "projector."))
+    assert sum(changed(after, final, "language_model.")) >= 0.9 * len(changed(after, final, "language_model."))
+
+    model = VLM.from_pretrained(str(tmp_path / "sft"))
+    assert isinstance(model.chat(os.path.join(data[1], "0.png"), "What colour is the square?", max_new_tokens=3),
+                      str)
+
+
+# ---------------------------------------------------------------- command lines
+def test_check_data_reports_and_fails_on_bad_samples(tmp_path, data, capsys):
+    records = json.load(open(data[0]))
+    records[2]["image"] = "nowhere.png"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records))
+    with pytest.raises(SystemExit) as exit_info:
+        sft_train.main(common_args((str(bad), data[1]), tmp_path / "check", "--preset", "tiny", "--check_data"))
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "bad.json: sample 2 (id=s2): image not found" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert (summary["samples"], summary["ok"], summary["bad"]) == (16, 15, 1)
+    assert not (tmp_path / "check" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", ["pretrain_train.py", "sft_train.py"])
+def test_help_works_without_loading_torch(script):
+    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, script), "--help"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--grad_accum" in result.stdout and "--check_data" in result.stdout
+    assert " torch" not in result.stderr and "transformers" not in result.stderr
