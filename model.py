@@ -333,6 +333,8 @@ def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
     """A vision tower from a hub id or folder. For two-tower checkpoints (SigLIP, CLIP) only the vision half loads."""
     config = AutoConfig.from_pretrained(name_or_path)
     vision_config = getattr(config, "vision_config", config)
+    if hasattr(vision_config, "vision_use_head"):  # SigLIP's pooling head: unused here, so not loaded
+        kwargs["vision_use_head"] = False
     return MODEL_MAPPING[type(vision_config)].from_pretrained(name_or_path, **kwargs)
 
 
@@ -360,24 +362,25 @@ def vlm_from_configs(vision_config: PreTrainedConfig, text_config: PreTrainedCon
 PRESETS = {
     "tiny": dict(
         vision=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, image_size=64, patch_size=8),
+                    num_attention_heads=4, image_size=64, patch_size=8, vision_use_head=False),
         text=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=True),
     ),
     "small": dict(
         vision=dict(model_type="siglip_vision_model", hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                    num_attention_heads=6, image_size=224, patch_size=16),
+                    num_attention_heads=6, image_size=224, patch_size=16, vision_use_head=False),
         text=dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                   tie_word_embeddings=True),
     ),
     "real": dict(
         vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
-                    num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14),
+                    num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,
+                    vision_use_head=False),
         text=dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=151936),
     ),
 }
 
@@ -387,6 +390,8 @@ def preset_configs(name: str, vocab_size: int) -> tuple[PreTrainedConfig, PreTra
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     vision, text = dict(PRESETS[name]["vision"]), dict(PRESETS[name]["text"])
     vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
+    # Qwen2.5 pads its embedding table past the tokenizer's length (151,936 rows for 151,665 tokens).
+    vocab_size = max(vocab_size, text.pop("vocab_size", 0))
     text_config = AutoConfig.for_model(text.pop("model_type"), vocab_size=vocab_size, **text)
     return vision_config, text_config
 

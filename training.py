@@ -311,7 +311,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     """Run the optimizer steps asked for, resuming from the newest checkpoint when --resume is given."""
     model.to(runtime.device)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = resolve_dtype(args.dtype, runtime.device)
     sampler = ResumableSampler(dataset, runtime, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
@@ -340,8 +340,13 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     elif args.resume and runtime.is_main:
         print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
 
-    ddp_model = (DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda"
-                                         else None) if runtime.distributed else model)
+    ddp_model = model
+    if runtime.distributed:
+        # A trainable tower may hold parameters our features never reach (CLIP's post_layernorm acts only on its
+        # pooled output); DDP must then look for them each step instead of waiting for their gradients forever.
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=any(p.requires_grad for p in model.vision_model.parameters()))
     set_train_mode(model)
     autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     logger = MetricLogger(args, runtime, total_steps, step)

@@ -85,8 +85,10 @@ def test_build_from_saved_component_folders(tmp_path, combo, qwen_tokenizer, toy
     model = vlm_from_components(str(tmp_path / "vision"), str(tmp_path / "llm")).eval()
 
     # The pretrained weights arrive untouched (no re-initialisation), and the tower's prefix tokens are dropped.
-    for name, tensor in vision.state_dict().items():
-        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    original, loaded = vision.state_dict(), model.vision_model.state_dict()
+    for name, tensor in loaded.items():
+        assert torch.equal(original[name], tensor), name
+    assert all(".head." in name for name in set(original) - set(loaded))  # SigLIP's unused pooling head only
     n_vocab = language.get_input_embeddings().weight.shape[0]
     assert torch.equal(model.language_model.get_input_embeddings().weight[:n_vocab],
                        language.get_input_embeddings().weight)

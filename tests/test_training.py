@@ -107,6 +107,7 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = ["--preset", "tiny", "--max_steps", "4", "--save_steps", "0"]
+    steps.append("--train_vision")  # the tower's gradients must reduce too, text-only batch or not
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           os.path.join(ROOT, "sft_train.py"), *common_args(data, tmp_path / "two", *steps),
                           "--batch_size", "2"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -119,6 +120,64 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     assert_same_run(read_log(tmp_path / "two"), read_log(tmp_path / "one"), [1, 2, 3, 4])
     a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_gradient_checkpointing_and_loader_workers_change_nothing(tmp_path, data):
+    logs = []
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing", "--num_workers", "2"])):
+        sft_train.main(common_args(data, tmp_path / name, "--preset", "tiny", "--max_steps", "2", "--batch_size",
+                                   "4", "--save_steps", "0", "--train_vision") + extra)
+        logs.append(read_log(tmp_path / name))
+    assert_same_run(logs[0], logs[1], [1, 2])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu_with_fp32_master_weights(tmp_path, data, dtype):
+    args = common_args(data, tmp_path, "--preset", "tiny", "--max_steps", "2", "--batch_size", "4",
+                       "--save_steps", "0")
+    args[args.index("--dtype") + 1] = dtype
+    sft_train.main(args)
+    log = read_log(tmp_path)
+    assert all(torch.isfinite(torch.tensor(log[s]["loss"])) for s in (1, 2))
+    assert all(t.dtype == torch.float32 for t in final_weights(tmp_path).values())
+
+
+def test_wandb_logging_only_when_asked(tmp_path, data, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def log(self, record, step):
+            calls.append(("log", step, record["loss"]))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kwargs: calls.append(("init", kwargs["project"])) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    base = common_args(data, tmp_path / "a", "--preset", "tiny", "--max_steps", "2", "--batch_size", "4",
+                       "--save_steps", "0")
+    sft_train.main(base)
+    assert calls == []
+    sft_train.main(common_args(data, tmp_path / "b", "--preset", "tiny", "--max_steps", "2", "--batch_size", "4",
+                               "--save_steps", "0", "--wandb_project", "mary"))
+    assert [c[0] for c in calls] == ["init", "log", "log", "finish"] and calls[0][1] == "mary"
+
+
+def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
+    from training import build_optimizer, set_trainable
+
+    model = tiny_vlm(toy_tokenizer)
+    set_trainable(model, vision=True, projector=True, llm=True)
+    args = sft_train.stage_parser("t").parse_args(["--data_path", "x", "--output_dir", "y", "--lr", "1e-5",
+                                                  "--projector_lr", "1e-3", "--weight_decay", "0.1"])
+    groups = {g["name"]: g for g in build_optimizer(model, args).param_groups}
+    assert groups["projector"]["lr"] == 1e-3 and groups["llm"]["lr"] == groups["vision"]["lr"] == 1e-5
+    assert groups["llm"]["weight_decay"] == 0.1 and groups["llm_no_decay"]["weight_decay"] == 0.0
+    grouped = sum(len(g["params"]) for g in groups.values())
+    assert grouped == sum(1 for p in model.parameters() if p.requires_grad)
+    set_trainable(model, vision=False, projector=True, llm=False)
+    assert {g["name"] for g in build_optimizer(model, args).param_groups} == {"projector", "projector_no_decay"}
 
 
 # ---------------------------------------------------------------- checkpoints and resume

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Stage 1 of the real recipe on 4 GPUs: SigLIP-so400m + Qwen2.5-0.5B-Instruct, projector only, LLaVA-CC3M-Pretrain-595K.
+# Global batch 256 = 4 GPUs x 32 x 2 accumulation; lr 1e-3; one epoch. See README "The real recipe" for downloads.
+# Components are hub ids; point --vision_model / --llm_model at checkpoints/<folder> to use local copies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-4}
+torchrun --standalone --nproc_per_node "$NPROC" pretrain_train.py \
+    --vision_model "${VISION_MODEL:-google/siglip-so400m-patch14-384}" \
+    --llm_model "${LLM_MODEL:-Qwen/Qwen2.5-0.5B-Instruct}" \
+    --data_path datasets/LLaVA-CC3M-Pretrain-595K/chat.json \
+    --image_dir datasets/LLaVA-CC3M-Pretrain-595K/images \
+    --output_dir checkpoints/pretrain \
+    --num_epochs 1 --batch_size 32 --grad_accum 2 --lr 1e-3 --warmup_ratio 0.03 \
+    --max_length 1024 --num_workers 8 --save_steps 500 --skip_bad_samples --resume "$@"
