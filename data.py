@@ -65,12 +65,16 @@ def ensure_chat_tokens(tokenizer, image_token: str) -> int:
 def make_tokenizer(texts, vocab_size: int = 512, image_token: str = "<|image_pad|>"):
     """A byte-level BPE tokenizer trained on `texts`, with Qwen's special tokens and chat template: what the
     offline presets use instead of downloading Qwen's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = CHAT_SPECIAL_TOKENS + [image_token]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Each CJK character stays a token of its own: a small vocabulary should compose Chinese words, not memorise
+    # whole phrases as single tokens.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

@@ -1,0 +1,181 @@
+"""Evaluate a checkpoint on short-answer and yes/no questions.
+
+    python eval_vlm.py --model_path DIR --data_path FILE --image_dir DIR --output PRED.jsonl
+
+FILE is JSONL of {"image", "question", "answer"[, "type"]} or LLaVA-format records (the first user turn is the
+question, the first reply the answer; a "type" or "category" field groups them). Answers are generated greedily in
+batches and written to --output; the metrics are printed, their last line one JSON object:
+
+- exact match after normalisation (case, punctuation, articles, surrounding space), overall and per question type;
+- POPE-style metrics over the yes/no questions (answers yes/no or 是/否): accuracy, precision, recall, F1 and the
+  share of "yes" predictions, with the true share beside it.
+
+`--predictions PRED.jsonl` scores an existing predictions file without loading a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import string
+import sys
+from collections import defaultdict
+
+YES, NO = {"yes", "是", "有"}, {"no", "否", "不是", "没有"}
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = set(string.punctuation) | set("，。！？、；：“”‘’（）《》")
+
+
+def normalise(text: str) -> str:
+    text = "".join(" " if ch in PUNCTUATION else ch for ch in str(text).lower())
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def yes_no(text: str) -> str | None:
+    """'yes' / 'no' for an answer that starts with one (in English or Chinese), else None."""
+    words = normalise(text).split()
+    first = words[0] if words else ""
+    for value, vocabulary in (("no", NO), ("yes", YES)):
+        if first in vocabulary or any(first.startswith(v) for v in vocabulary if not v.isascii()):
+            return value
+    return None
+
+
+def compute_metrics(records: list[dict]) -> dict:
+    """records: {"prediction", "answer", "type"}. Exact match overall and per type; POPE over yes/no answers."""
+    if not records:
+        raise ValueError("no predictions to score")
+    by_type = defaultdict(list)
+    for record in records:
+        by_type[record.get("type") or "all"].append(normalise(record["prediction"]) == normalise(record["answer"]))
+    metrics = {"exact_match": round(100 * sum(sum(v) for v in by_type.values()) / len(records), 2),
+               "count": len(records),
+               "per_type": {t: {"exact_match": round(100 * sum(v) / len(v), 2), "count": len(v)}
+                            for t, v in sorted(by_type.items())}}
+    pairs = [(yes_no(r["answer"]), yes_no(r["prediction"])) for r in records if yes_no(r["answer"]) is not None]
+    if pairs:
+        tp = sum(truth == "yes" and guess == "yes" for truth, guess in pairs)
+        fp = sum(truth == "no" and guess == "yes" for truth, guess in pairs)
+        fn = sum(truth == "yes" and guess != "yes" for truth, guess in pairs)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        metrics["pope"] = {
+            "accuracy": round(100 * sum(truth == guess for truth, guess in pairs) / len(pairs), 2),
+            "precision": round(100 * precision, 2), "recall": round(100 * recall, 2),
+            "f1": round(100 * 2 * precision * recall / (precision + recall), 2) if precision + recall else 0.0,
+            "yes_ratio": round(100 * sum(guess == "yes" for _, guess in pairs) / len(pairs), 2),
+            "true_yes_ratio": round(100 * sum(truth == "yes" for truth, _ in pairs) / len(pairs), 2),
+            "count": len(pairs)}
+    return metrics
+
+
+def read_questions(path: str) -> list[dict]:
+    """{"id", "image", "question", "answer", "type"} from JSONL questions or LLaVA-format records."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        rows = json.loads(text) if text.lstrip().startswith("[") else None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
+    if rows is None:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise SystemExit(f"{path}:{number}: malformed JSON line: {error.msg}") from None
+    return [question_of(row, f"{path}: record {i}") for i, row in enumerate(rows)]
+
+
+def question_of(row: dict, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise SystemExit(f"{where}: not a JSON object")
+    if "conversations" in row:
+        turns = row["conversations"]
+        user = next((t.get("value", t.get("content")) for t in turns if t.get("from", t.get("role")) in
+                     ("human", "user")), None)
+        reply = next((t.get("value", t.get("content")) for t in turns if t.get("from", t.get("role")) in
+                      ("gpt", "assistant")), None)
+        question, answer = (user or "").replace("<image>", "").strip(), reply
+    else:
+        question, answer = row.get("question"), row.get("answer")
+    missing = [k for k, v in (("question", question), ("answer", answer)) if not v]
+    if missing:
+        raise SystemExit(f"{where}: no {' or '.join(missing)}")
+    return {"id": row.get("id", where), "image": row.get("image"), "question": question, "answer": answer,
+            "type": row.get("type") or row.get("category") or "all"}
+
+
+def predict(args, questions: list[dict]) -> list[dict]:
+    import torch
+    from tqdm.auto import tqdm
+
+    from data import DataError, open_image
+    from model import VLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = VLM.from_pretrained(args.model_path).to(device).eval()
+    images = {}
+    for q in questions:
+        if q["image"] and q["image"] not in images:
+            try:
+                images[q["image"]] = open_image(q["image"], args.image_dir, f"{args.data_path}: {q['id']}")
+            except DataError as error:
+                raise SystemExit(str(error)) from None
+    results = []
+    for start in tqdm(range(0, len(questions), args.batch_size), desc="eval", unit="batch"):
+        batch = questions[start:start + args.batch_size]
+        answers = model.batch_chat([images.get(q["image"]) for q in batch], [q["question"] for q in batch],
+                                   max_new_tokens=args.max_new_tokens)
+        results += [{**q, "prediction": a} for q, a in zip(batch, answers)]
+    return results
+
+
+def print_metrics(metrics: dict) -> None:
+    print(f"exact match {metrics['exact_match']:.2f}% over {metrics['count']} questions")
+    for kind, values in metrics["per_type"].items():
+        print(f"  {kind:<12} {values['exact_match']:6.2f}%  ({values['count']})")
+    if "pope" in metrics:
+        pope = metrics["pope"]
+        print(f"  yes/no: accuracy {pope['accuracy']:.2f}  precision {pope['precision']:.2f}  recall "
+              f"{pope['recall']:.2f}  F1 {pope['f1']:.2f}  yes-ratio {pope['yes_ratio']:.2f} "
+              f"(true {pope['true_yes_ratio']:.2f})")
+    print(json.dumps(metrics, ensure_ascii=False))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_path", help="a VLM checkpoint folder")
+    parser.add_argument("--data_path", help="questions: JSONL or LLaVA-format JSON/JSONL")
+    parser.add_argument("--image_dir", default=None, help="folder the image paths are relative to")
+    parser.add_argument("--output", default=None, help="write one JSON line per question with its prediction")
+    parser.add_argument("--predictions", default=None, help="score this predictions file instead of generating")
+    parser.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="longest answer")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if args.predictions:
+        with open(args.predictions, encoding="utf-8") as f:
+            results = [json.loads(line) for line in f if line.strip()]
+    elif args.model_path and args.data_path:
+        results = predict(args, read_questions(args.data_path))
+    else:
+        parser.error("give --model_path and --data_path, or --predictions")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    metrics = compute_metrics(results)
+    print_metrics(metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

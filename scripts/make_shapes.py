@@ -1,0 +1,220 @@
+"""Procedural shape scenes in the LLaVA layout: the offline main job's data.
+
+Each image is a 2x2 grid of cells; 1-4 of them hold a shape (circle, square, triangle) of one of five colours, with
+random size and jitter inside its cell. From each scene the generator writes:
+
+    pretrain.json   one caption turn per image ("a red circle on the top left and a blue square on the bottom right")
+    sft.json        multi-turn conversations asking colour, shape, count, position and existence
+    eval.jsonl      held-out single questions {"image", "question", "answer", "type", "lang"} for eval_vlm.py
+    images/         the PNGs, named by split
+    tokenizer/      a byte-level BPE learnt from every phrase the generator can write, with Qwen's chat template
+
+About a quarter of the text is Chinese, as in the real recipe. Every split is drawn from its own seed (pretrain: seed,
+sft: seed + 1, eval: seed + 2), so the evaluation scenes are never training scenes.
+
+    python scripts/make_shapes.py --output_dir datasets/shapes --num_samples 4000 --seed 0
+    python scripts/make_shapes.py --kind eval --output_dir /tmp/fresh_eval --num_samples 500 --seed 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 190, 20),
+           "purple": (140, 60, 180)}
+SHAPES = ("circle", "square", "triangle")
+CELLS = ("top left", "top right", "bottom left", "bottom right")
+ZH = {"red": "红色", "green": "绿色", "blue": "蓝色", "yellow": "黄色", "purple": "紫色", "circle": "圆形",
+      "square": "正方形", "triangle": "三角形", "top left": "左上", "top right": "右上", "bottom left": "左下",
+      "bottom right": "右下", "left": "左边", "right": "右边", "top": "上面", "bottom": "下面", "Yes": "是", "No": "否"}
+QUESTION_TYPES = ("colour", "shape", "count", "position", "existence")
+ZH_SHARE = 0.25
+
+
+# ==================================================================== scenes and pictures
+def random_scene(rng: random.Random) -> list[dict]:
+    """1-4 objects in distinct cells; no two objects share both colour and shape, so each can be named."""
+    count = rng.randint(1, 4)
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], count)
+    cells = rng.sample(range(4), count)
+    return [{"colour": c, "shape": s, "cell": cell} for (c, s), cell in sorted(zip(kinds, cells),
+                                                                                key=lambda kc: kc[1])]
+
+
+def draw_scene(scene: list[dict], size: int, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    half = size // 2
+    for obj in scene:
+        extent = rng.randint(int(half * 0.55), int(half * 0.8))
+        x0 = (obj["cell"] % 2) * half + rng.randint(1, half - extent - 1)
+        y0 = (obj["cell"] // 2) * half + rng.randint(1, half - extent - 1)
+        box = (x0, y0, x0 + extent, y0 + extent)
+        colour = COLOURS[obj["colour"]]
+        if obj["shape"] == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj["shape"] == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(x0 + extent / 2, y0), (x0, y0 + extent), (x0 + extent, y0 + extent)], fill=colour)
+    return image
+
+
+# ==================================================================== text
+def name(obj: dict, zh: bool) -> str:
+    return ZH[obj["colour"]] + ZH[obj["shape"]] if zh else f"{obj['colour']} {obj['shape']}"
+
+
+def caption(scene: list[dict], zh: bool) -> str:
+    if zh:
+        return "，".join(f"{ZH[CELLS[o['cell']]]}是{name(o, True)}" for o in scene) + "。"
+    parts = [f"a {name(o, False)} on the {CELLS[o['cell']]}" for o in scene]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def unique(scene: list[dict], key: str) -> list[dict]:
+    return [o for o in scene if sum(p[key] == o[key] for p in scene) == 1]
+
+
+def ask(kind: str, scene: list[dict], rng: random.Random, zh: bool) -> tuple[str, str]:
+    """One (question, answer) of the given type about the scene."""
+    if kind == "colour":
+        candidates = unique(scene, "shape")
+        if candidates:
+            obj = rng.choice(candidates)
+            return ((f"{ZH[obj['shape']]}是什么颜色？", ZH[obj["colour"]]) if zh else
+                    (f"What colour is the {obj['shape']}?", obj["colour"]))
+        obj = rng.choice(scene)
+        return ((f"{ZH[CELLS[obj['cell']]]}的图形是什么颜色？", ZH[obj["colour"]]) if zh else
+                (f"What colour is the shape on the {CELLS[obj['cell']]}?", obj["colour"]))
+    if kind == "shape":
+        candidates = unique(scene, "colour")
+        if candidates:
+            obj = rng.choice(candidates)
+            return ((f"{ZH[obj['colour']]}的图形是什么形状？", ZH[obj["shape"]]) if zh else
+                    (f"What shape is the {obj['colour']} object?", obj["shape"]))
+        obj = rng.choice(scene)
+        return ((f"{ZH[CELLS[obj['cell']]]}是什么形状？", ZH[obj["shape"]]) if zh else
+                (f"What shape is on the {CELLS[obj['cell']]}?", obj["shape"]))
+    if kind == "count":
+        return ("图中有几个图形？" if zh else "How many shapes are there?"), str(len(scene))
+    if kind == "position":
+        obj = rng.choice(scene)
+        if rng.random() < 0.5:
+            side = "left" if obj["cell"] % 2 == 0 else "right"
+            return ((f"{name(obj, True)}在左边还是右边？", ZH[side]) if zh else
+                    (f"Is the {name(obj, False)} on the left or the right?", side))
+        side = "top" if obj["cell"] < 2 else "bottom"
+        return ((f"{name(obj, True)}在上面还是下面？", ZH[side]) if zh else
+                (f"Is the {name(obj, False)} at the top or the bottom?", side))
+    present = rng.random() < 0.5
+    if present:
+        obj = rng.choice(scene)
+    else:  # a near miss: the colour or the shape of something that is there
+        taken = {(o["colour"], o["shape"]) for o in scene}
+        base = rng.choice(scene)
+        options = [(c, base["shape"]) for c in COLOURS] + [(base["colour"], s) for s in SHAPES]
+        colour, shape = rng.choice([k for k in options if k not in taken])
+        obj = {"colour": colour, "shape": shape}
+    answer = "Yes" if present else "No"
+    return ((f"图中有{name(obj, True)}吗？", ZH[answer]) if zh else (f"Is there a {name(obj, False)}?", answer))
+
+
+def every_phrase() -> list[str]:
+    """Every word and phrase the generator can write, for learning the tokenizer (independent of any seed)."""
+    from model import DEFAULT_SYSTEM_PROMPT
+
+    rng = random.Random(0)
+    # The chat template's own words too, so every prompt is a few tokens, not a few dozen bytes.
+    texts = ["Describe the image briefly.", "简要描述这张图片。", DEFAULT_SYSTEM_PROMPT, "system\n", "user\n",
+             "assistant\n"] * 20
+    for _ in range(400):
+        scene = random_scene(rng)
+        for zh in (False, True):
+            texts.append(caption(scene, zh))
+            texts.extend(" ".join(ask(kind, scene, rng, zh)) for kind in QUESTION_TYPES)
+    return texts
+
+
+# ==================================================================== splits
+def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_size: int) -> str:
+    rng = random.Random(seed)
+    image_dir = os.path.join(output_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    records = []
+    for i in range(num_samples):
+        scene = random_scene(rng)
+        file_name = f"{kind}_{seed}_{i:06d}.png"
+        draw_scene(scene, image_size, rng).save(os.path.join(image_dir, file_name))
+        zh = rng.random() < ZH_SHARE
+        if kind == "pretrain":
+            prompt = "简要描述这张图片。" if zh else "Describe the image briefly."
+            records.append({"id": f"{kind}-{i}", "image": file_name, "conversations": [
+                {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene, zh)}]})
+        elif kind == "sft":
+            # Several questions per image: each answer is a supervised token, the image is encoded once.
+            kinds = [rng.choice(QUESTION_TYPES) for _ in range(rng.randint(3, 6))]
+            turns = []
+            for t, question_type in enumerate(kinds):
+                question, answer = ask(question_type, scene, rng, zh)
+                turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
+                          {"from": "gpt", "value": answer}]
+            records.append({"id": f"{kind}-{i}", "image": file_name, "conversations": turns})
+        else:
+            for question_type in QUESTION_TYPES:
+                question, answer = ask(question_type, scene, rng, zh)
+                records.append({"id": f"{kind}-{i}-{question_type}", "image": file_name, "question": question,
+                                "answer": answer, "type": question_type, "lang": "zh" if zh else "en"})
+    if kind == "eval":
+        path = os.path.join(output_dir, "eval.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        path = os.path.join(output_dir, f"{kind}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(records, f, ensure_ascii=False)
+    return path
+
+
+def write_tokenizer(output_dir: str, vocab_size: int) -> str:
+    from data import make_tokenizer
+
+    path = os.path.join(output_dir, "tokenizer")
+    make_tokenizer(every_phrase(), vocab_size=vocab_size).save_pretrained(path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write procedural shape scenes in the LLaVA layout.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output_dir", default="datasets/shapes", help="where the files and images/ go")
+    parser.add_argument("--kind", default="all", choices=["all", "pretrain", "sft", "eval"],
+                        help="all: pretrain + sft + eval + tokenizer")
+    parser.add_argument("--num_samples", type=int, default=4000, help="images per training split (or of --kind)")
+    parser.add_argument("--num_eval", type=int, default=300, help="images of the eval split with --kind all "
+                                                                  "(five questions each)")
+    parser.add_argument("--seed", type=int, default=0, help="pretrain uses seed, sft seed + 1, eval seed + 2")
+    parser.add_argument("--image_size", type=int, default=64, help="pixels per side")
+    parser.add_argument("--vocab_size", type=int, default=1024, help="size of the learnt tokenizer")
+    args = parser.parse_args(argv)
+
+    offsets = {"pretrain": 0, "sft": 1, "eval": 2}
+    kinds = ["pretrain", "sft", "eval"] if args.kind == "all" else [args.kind]
+    for kind in kinds:
+        count = args.num_eval if args.kind == "all" and kind == "eval" else args.num_samples
+        seed = args.seed + offsets[kind] if args.kind == "all" else args.seed
+        print(f"{kind}: {write_split(kind, args.output_dir, count, seed, args.image_size)} ({count} images)")
+    if args.kind == "all":
+        print(f"tokenizer: {write_tokenizer(args.output_dir, args.vocab_size)}")
+
+
+if __name__ == "__main__":
+    main()

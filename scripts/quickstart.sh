@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The offline main job: install what is missing, then generate shape scenes, train a tiny VLM from scratch
+# (pretrain -> SFT) on the CPU and evaluate it. About ten minutes on 2 CPU cores; no network but PyPI.
+# Extra flags go to scripts/quickstart.py (see --help there), e.g. --seed 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$(date +%s.%N)
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -r requirements.txt
+install_seconds=$(python -c "import time; print(round(time.time() - $started, 1))")
+exec python scripts/quickstart.py --install_seconds "$install_seconds" "$@"

@@ -1,0 +1,86 @@
+"""eval_vlm.py's metrics on hand-computed cases, its input errors, and the shape-scene generator."""
+
+import json
+import os
+import random
+import sys
+
+import pytest
+from conftest import ROOT
+
+import eval_vlm
+from eval_vlm import compute_metrics, normalise, read_questions, yes_no
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import make_shapes  # noqa: E402
+
+
+def test_normalisation_ignores_case_punctuation_articles_and_space():
+    assert normalise("  The Red circle. ") == normalise("red CIRCLE") == "red circle"
+    assert normalise("左边。") == "左边"
+    assert normalise("an apple!") == "apple" and normalise("theatre") == "theatre"
+    assert [yes_no(t) for t in ("Yes.", "no", "是", "否", "没有", "Yes, there is", "left")] == \
+        ["yes", "no", "yes", "no", "no", "yes", None]
+
+
+def test_metrics_match_a_hand_computed_case(tmp_path):
+    # 4 yes/no questions: truth yes, yes, no, no; predictions yes, no, yes, yes -> TP 1, FN 1, FP 2, TN 0.
+    rows = [("Yes", "yes", "existence"), ("Yes", "No.", "existence"), ("No", "yes", "existence"),
+            ("否", "是", "existence"), ("red", "The red", "colour"), ("3", "2", "count")]
+    predictions = tmp_path / "pred.jsonl"
+    predictions.write_text("\n".join(json.dumps({"answer": a, "prediction": p, "type": t}) for a, p, t in rows))
+    metrics = eval_vlm.main(["--predictions", str(predictions)])
+    assert metrics["exact_match"] == round(100 * 2 / 6, 2)
+    assert metrics["per_type"] == {"colour": {"exact_match": 100.0, "count": 1},
+                                   "count": {"exact_match": 0.0, "count": 1},
+                                   "existence": {"exact_match": 25.0, "count": 4}}
+    precision, recall = 1 / 3, 1 / 2
+    assert metrics["pope"] == {"accuracy": 25.0, "precision": round(100 * precision, 2), "recall": 50.0,
+                               "f1": round(100 * 2 * precision * recall / (precision + recall), 2),
+                               "yes_ratio": 75.0, "true_yes_ratio": 50.0, "count": 4}
+
+
+def test_last_line_of_output_is_the_metrics_json(tmp_path, capsys):
+    predictions = tmp_path / "pred.jsonl"
+    predictions.write_text(json.dumps({"answer": "left", "prediction": "left"}) + "\n")
+    eval_vlm.main(["--predictions", str(predictions)])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["exact_match"] == 100.0 and "pope" not in json.loads(last)
+
+
+def test_questions_from_jsonl_and_llava_format(tmp_path):
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.png", "question": "Q?", "answer": "A", "type": "colour"}) + "\n")
+    llava = tmp_path / "q.json"
+    llava.write_text(json.dumps([{"id": "x", "image": "a.png", "category": "pos", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]}]))
+    a, b = read_questions(str(jsonl))[0], read_questions(str(llava))[0]
+    assert (a["question"], a["answer"], a["type"]) == (b["question"], b["answer"], "colour") == ("Q?", "A", "colour")
+    assert b["type"] == "pos"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"image": "a.png", "question": "Q?"}\n', "record 0: no answer"),
+    ('{"image": "a.png", "question": "Q?", "answer": "A"}\n{broken\n', "q.jsonl:2: malformed JSON line"),
+])
+def test_bad_question_files_get_clear_errors(tmp_path, text, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        read_questions(str(path))
+
+
+def test_generator_is_deterministic_and_answers_match_the_scene(tmp_path):
+    first = make_shapes.write_split("eval", str(tmp_path / "a"), 20, seed=3, image_size=64)
+    second = make_shapes.write_split("eval", str(tmp_path / "b"), 20, seed=3, image_size=64)
+    assert open(first).read() == open(second).read()
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = make_shapes.random_scene(rng)
+        kinds = {(o["colour"], o["shape"]) for o in scene}
+        assert 1 <= len(scene) <= 4 and len(kinds) == len(scene) and len({o["cell"] for o in scene}) == len(scene)
+        question, answer = make_shapes.ask("existence", scene, rng, zh=False)
+        colour, shape = question[len("Is there a "):-1].split()
+        assert answer == ("Yes" if (colour, shape) in kinds else "No")
+        question, answer = make_shapes.ask("count", scene, rng, zh=False)
+        assert answer == str(len(scene))
