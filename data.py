@@ -93,6 +93,7 @@ class Sample:
     messages: list[dict]
     images: list  # paths, bytes, PIL images or datasets Image dicts; decoded lazily
     where: str  # "file: sample i (id=...)" for error messages
+    rejected: str | None = None  # preference data: the dispreferred final reply (messages end with the chosen one)
 
 
 def load_records(path: str):
@@ -164,6 +165,33 @@ def parse_record(record: dict, where: str) -> Sample:
     if any(IMAGE_PLACEHOLDER in m["content"] for m in messages if m["role"] != "user"):
         raise DataError(f"{where}: '<image>' outside a user turn")
     return Sample(messages, images, where)
+
+
+def parse_preference_record(record: dict, where: str) -> Sample:
+    """A preference pair: RLAIF-V style {"image", "question", "chosen", "rejected"}, or LLaVA style with
+    "conversations" holding the shared context (ending with the user turn) plus "chosen" / "rejected" replies."""
+    named = f"{where} (id={record['id']})" if record.get("id") is not None else where
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{named}: '{key}' is missing or empty")
+    if chosen.strip() == rejected.strip():
+        raise DataError(f"{named}: 'chosen' and 'rejected' are identical; the pair teaches nothing")
+    context = record.get("conversations", record.get("messages"))
+    if isinstance(context, str):
+        context = json.loads(context)
+    if context is None:
+        question = record.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{named}: no 'question' (or 'conversations' context)")
+        if _image_refs(record) and IMAGE_PLACEHOLDER not in question:
+            question = f"{IMAGE_PLACEHOLDER}\n{question}"
+        context = [{"from": "human", "value": question}]
+    if not isinstance(context, list) or not context:
+        raise DataError(f"{named}: 'conversations' must be a non-empty list ending with the user's turn")
+    sample = parse_record({**record, "conversations": list(context) + [{"from": "gpt", "value": chosen}]}, where)
+    sample.rejected = rejected
+    return sample
 
 
 def _check_roles(messages: list[dict], where: str) -> None:
@@ -275,9 +303,11 @@ class VLMProcessor:
             text = rendered
         return text, spans
 
-    def encode_chat(self, messages: list[dict], where: str = "sample") -> dict:
-        """input_ids and labels for a training conversation whose `<image>` placeholders are still unexpanded."""
+    def encode_chat(self, messages: list[dict], where: str = "sample", last_reply_only: bool = False) -> dict:
+        """input_ids and labels for a training conversation whose `<image>` placeholders are still unexpanded.
+        With last_reply_only, earlier replies are context, not targets (preference pairs)."""
         text, spans = self.render(self.expand_images(self.with_system_prompt(messages)))
+        spans = spans[-1:] if last_reply_only else spans
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = encoding["input_ids"]
         labels = [IGNORE_INDEX] * len(input_ids)
@@ -300,8 +330,15 @@ class VLMProcessor:
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def encode_sample(self, sample: Sample, image_dir: str | None) -> dict:
+        """input_ids, labels, pixel_values; for a preference sample also rejected_input_ids / rejected_labels,
+        each supervising only its final reply."""
         images = [open_image(ref, image_dir, sample.where) for ref in sample.images]
-        encoded = self.encode_chat(sample.messages, sample.where)
+        pair = sample.rejected is not None
+        encoded = self.encode_chat(sample.messages, sample.where, last_reply_only=pair)
+        if pair:
+            rejected = sample.messages[:-1] + [{"role": "assistant", "content": sample.rejected}]
+            for key, value in self.encode_chat(rejected, sample.where, last_reply_only=True).items():
+                encoded[f"rejected_{key}"] = value
         encoded["pixel_values"] = self.pixel_values(images)
         return encoded
 
@@ -345,8 +382,8 @@ class ConversationDataset(torch.utils.data.Dataset):
     otherwise the first problem stops the run with a message naming the file and sample."""
 
     def __init__(self, paths: list[str], processor: VLMProcessor, image_dir: str | None = None,
-                 skip_bad_samples: bool = False, validate: bool = True):
-        self.processor, self.image_dir = processor, image_dir
+                 skip_bad_samples: bool = False, validate: bool = True, parse=parse_record):
+        self.processor, self.image_dir, self.parse = processor, image_dir, parse
         self.tables = [(path, load_records(path)) for path in paths]
         self.index = [(t, i) for t, (_, table) in enumerate(self.tables) for i in range(len(table))]
         if not validate:  # check_data() reports every problem itself
@@ -368,7 +405,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def sample(self, position: int) -> Sample:
         table_index, row = self.index[position]
         path, table = self.tables[table_index]
-        return parse_record(table[row], f"{path}: sample {row}")
+        return self.parse(table[row], f"{path}: sample {row}")
 
     def __len__(self) -> int:
         return len(self.index)

@@ -107,7 +107,8 @@ def question_of(row: dict, where: str) -> dict:
     missing = [k for k, v in (("question", question), ("answer", answer)) if not v]
     if missing:
         raise SystemExit(f"{where}: no {' or '.join(missing)}")
-    return {"id": row.get("id", where), "image": row.get("image"), "question": question, "answer": answer,
+    extra = {k: v for k, v in row.items() if k != "conversations"}  # e.g. "lang", kept in the predictions
+    return {**extra, "id": row.get("id", where), "image": row.get("image"), "question": question, "answer": answer,
             "type": row.get("type") or row.get("category") or "all"}
 
 

@@ -176,8 +176,11 @@ class VLM(PreTrainedModel, GenerationMixin):
         features = downsample_grid(features[:, num_prefix:], grid, self.config.image_grid)
         return self.projector(features.to(self.projector.fc1.weight.dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features written over the image placeholder tokens."""
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image features written over the image placeholder tokens. `image_index` lets
+        several rows reuse one encoding: slot i of the batch gets image image_index[i] (DPO's chosen and rejected
+        answers share their image)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
         num_slots = int(image_mask.sum())
@@ -188,6 +191,8 @@ class VLM(PreTrainedModel, GenerationMixin):
                 embeds = embeds + 0.0 * self.encode_images(self._blank_image(embeds)).sum()
             return embeds
         features = self.encode_images(pixel_values)
+        if image_index is not None:
+            features = features[image_index]
         if num_slots != features.shape[0] * features.shape[1]:
             raise ValueError(f"input_ids hold {num_slots} image tokens but the {features.shape[0]} images give "
                              f"{features.shape[0] * features.shape[1]} features ({features.shape[1]} per image)")
@@ -212,9 +217,10 @@ class VLM(PreTrainedModel, GenerationMixin):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> VLMOutput:
+                logits_to_keep: int | torch.Tensor = 0, image_index: torch.Tensor | None = None,
+                **kwargs) -> VLMOutput:
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_index)
         outputs = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                                  position_ids=position_ids, past_key_values=past_key_values,
                                                  use_cache=use_cache, **kwargs)

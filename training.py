@@ -324,6 +324,9 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
+    autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    if hasattr(objective, "prepare"):  # before resuming: DPO's reference is the starting model, not a checkpoint
+        objective.prepare(model, dataset, runtime, collate_fn, autocast)
     run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum}
 
     step, stream = 0, BatchStream(loader, sampler, args.batch_size)
@@ -348,7 +351,6 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
             model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
             find_unused_parameters=any(p.requires_grad for p in model.vision_model.parameters()))
     set_train_mode(model)
-    autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     logger = MetricLogger(args, runtime, total_steps, step)
     params = list(trainable_parameters(model).values())
     try:
@@ -412,7 +414,7 @@ def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = T
     return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate)
 
 
-def run_stage(args, build_dataset=build_conversation_dataset, objective=None) -> VLM | None:
+def run_stage(args, build_dataset=build_conversation_dataset, objective=None, collate=collate) -> VLM | None:
     """Everything a stage script does after parsing its flags: build, check or train, save."""
     runtime = setup_runtime(args.device)
     seed_everything(args.seed)

@@ -1,0 +1,174 @@
+"""Stage 3: Direct Preference Optimization from an SFT checkpoint (LLM + projector train, vision frozen).
+
+    python dpo_train.py --model_path checkpoints/sft --data_path datasets/RLAIF-V/pairs.parquet \
+        --output_dir checkpoints/dpo --beta 0.1
+
+Each pair (image, prompt, chosen, rejected) goes through the model once: chosen and rejected rows share one image
+encoding and one forward pass. The reference is a frozen copy of the starting model, or — with --precompute_ref —
+its log-probabilities computed in a first pass, so no second model sits in memory while training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from utils import run_stage_from_args, stage_parser
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1,
+             label_smoothing: float = 0.0, loss_type: str = "sigmoid"):
+    """Per-pair (losses, chosen_rewards, rejected_rewards) from summed sequence log-probs.
+
+    sigmoid: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h), h = chosen log-ratio - rejected log-ratio
+             (eps = label_smoothing: conservative DPO); ipo: (h - 1 / (2 beta))^2.
+    The rewards beta * (log pi - log pi_ref) are detached: they are for logging only.
+    """
+    import torch.nn.functional as F
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    margin = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margin)
+                  - label_smoothing * F.logsigmoid(-beta * margin))
+    elif loss_type == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use 'sigmoid' or 'ipo'")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def sequence_logps(model, batch: dict):
+    """Summed log-probs of each row's supervised tokens (its final reply) and their count; prompts and padding
+    carry label -100 and never enter."""
+    import torch
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], labels=labels, image_index=batch.get("image_index"))
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    token_logps = -F.cross_entropy(output.logits, targets[supervised], reduction="none")
+    rows = supervised.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=labels.device).index_add(0, rows, token_logps)
+    return sums, supervised.sum(1)
+
+
+def collate_pairs(samples: list[dict], pad_token_id: int) -> dict:
+    """Chosen rows first, then rejected rows, one padded batch; each image once, indexed by both rows."""
+    import torch
+
+    from data import collate
+
+    chosen = [{"input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": s["pixel_values"]}
+              for s in samples]
+    rejected = [{"input_ids": s["rejected_input_ids"], "labels": s["rejected_labels"]} for s in samples]
+    batch = collate(chosen + rejected, pad_token_id)
+    batch["image_index"] = (torch.arange(len(batch["pixel_values"])).repeat(2)
+                            if batch["pixel_values"] is not None else None)
+    if "reference_logps" in samples[0]:
+        batch["reference_logps"] = torch.stack([s["reference_logps"] for s in samples])
+    return batch
+
+
+def build_preference_dataset(args, processor, validate: bool = True):
+    from data import ConversationDataset, parse_preference_record
+
+    class PreferenceDataset(ConversationDataset):
+        reference_logps = None  # (N, 2) chosen/rejected log-probs of the reference, once precomputed
+
+        def __getitem__(self, position):
+            item = super().__getitem__(position)
+            if self.reference_logps is not None:
+                item["reference_logps"] = self.reference_logps[position]
+            return item
+
+    return PreferenceDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate,
+                             parse=parse_preference_record)
+
+
+class DPOObjective:
+    """The loop's objective for preference pairs: loss summed over pairs (the loop divides by the step's pairs)."""
+
+    def __init__(self, args):
+        self.beta, self.label_smoothing, self.loss_type = args.beta, args.label_smoothing, args.loss_type
+        self.sft_weight, self.precompute = args.sft_weight, args.precompute_ref
+        self.batch_size, self.num_workers = args.batch_size, args.num_workers
+        self.reference = None
+
+    def prepare(self, model, dataset, runtime, collate_fn, autocast) -> None:
+        """Freeze a copy of the starting model as the reference, or precompute its log-probs for every pair."""
+        if not self.precompute:
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+            return
+        import torch
+        from tqdm.auto import tqdm
+
+        from training import all_reduce_sum
+
+        positions = list(range(runtime.rank, len(dataset), runtime.world_size))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, positions), batch_size=self.batch_size,
+                                             collate_fn=collate_fn, num_workers=self.num_workers)
+        table = torch.zeros(len(dataset), 2, device=runtime.device)
+        values = []
+        model.eval()
+        with torch.no_grad(), autocast:
+            for batch in tqdm(loader, desc="reference log-probs", disable=not runtime.is_main):
+                batch = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                logps, _ = sequence_logps(model, batch)
+                values.append(torch.stack(logps.float().chunk(2), dim=1))
+        table[positions] = torch.cat(values)
+        dataset.reference_logps = all_reduce_sum(table, runtime).cpu()
+
+    def count(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2
+
+    def __call__(self, model, batch: dict):
+        import torch
+
+        logps, lengths = sequence_logps(model, batch)
+        policy_chosen, policy_rejected = logps.chunk(2)
+        if "reference_logps" in batch:
+            ref_chosen, ref_rejected = batch["reference_logps"].unbind(1)
+        else:
+            with torch.no_grad():
+                ref_chosen, ref_rejected = sequence_logps(self.reference, batch)[0].chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen.to(logps.dtype), ref_rejected.to(logps.dtype), self.beta,
+            self.label_smoothing, self.loss_type)
+        loss = losses.sum()
+        if self.sft_weight:  # RPO-style: keep the chosen answer likely, token-averaged per pair
+            loss = loss - self.sft_weight * (policy_chosen / lengths.chunk(2)[0].clamp(min=1)).sum()
+        metrics = {"rewards/chosen": chosen_rewards.sum(), "rewards/rejected": rejected_rewards.sum(),
+                   "rewards/accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+                   "rewards/margin": (chosen_rewards - rejected_rewards).sum()}
+        return loss, metrics
+
+
+def build_parser():
+    parser = stage_parser(__doc__.splitlines()[0], lr=1e-6, train_vision=False, train_projector=True,
+                          train_llm=True, max_length=2048, batch_size=8, warmup_ratio=0.1)
+    dpo = parser.add_argument_group("DPO")
+    dpo.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
+    dpo.add_argument("--label_smoothing", type=float, default=0.0,
+                     help="assumed share of flipped preference labels (conservative DPO); sigmoid loss only")
+    dpo.add_argument("--loss_type", default="sigmoid", choices=["sigmoid", "ipo"], help="DPO or IPO loss")
+    dpo.add_argument("--sft_weight", type=float, default=0.0,
+                     help="weight of an extra NLL term on the chosen answer (token mean per pair)")
+    dpo.add_argument("--precompute_ref", action="store_true",
+                     help="compute the reference log-probs in a first pass instead of keeping a reference model")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model_path is None and args.preset is None:
+        parser.error("DPO starts from a trained model: give --model_path (an SFT checkpoint)")
+    run_stage_from_args(args, build_dataset=build_preference_dataset, objective=DPOObjective(args),
+                        collate=collate_pairs)
+
+
+if __name__ == "__main__":
+    main()
