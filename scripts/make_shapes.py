@@ -5,12 +5,13 @@ random size and jitter inside its cell. From each scene the generator writes:
 
     pretrain.json   one caption turn per image ("a red circle on the top left and a blue square on the bottom right")
     sft.json        multi-turn conversations asking colour, shape, count, position and existence
+    dpo.json        preference pairs {"image", "question", "chosen", "rejected"}: the rejected answer hallucinates
     eval.jsonl      held-out single questions {"image", "question", "answer", "type", "lang"} for eval_vlm.py
     images/         the PNGs, named by split
     tokenizer/      a byte-level BPE learnt from every phrase the generator can write, with Qwen's chat template
 
 About a quarter of the text is Chinese, as in the real recipe. Every split is drawn from its own seed (pretrain: seed,
-sft: seed + 1, eval: seed + 2), so the evaluation scenes are never training scenes.
+sft: seed + 1, eval: seed + 2, dpo: seed + 3), so the evaluation scenes are never training scenes.
 
     python scripts/make_shapes.py --output_dir datasets/shapes --num_samples 4000 --seed 0
     python scripts/make_shapes.py --kind eval --output_dir /tmp/fresh_eval --num_samples 500 --seed 7
@@ -84,8 +85,9 @@ def unique(scene: list[dict], key: str) -> list[dict]:
     return [o for o in scene if sum(p[key] == o[key] for p in scene) == 1]
 
 
-def ask(kind: str, scene: list[dict], rng: random.Random, zh: bool) -> tuple[str, str]:
-    """One (question, answer) of the given type about the scene."""
+def ask(kind: str, scene: list[dict], rng: random.Random, zh: bool, yes_share: float = 0.5) -> tuple[str, str]:
+    """One (question, answer) of the given type about the scene; existence questions are about something present
+    with probability yes_share."""
     if kind == "colour":
         candidates = unique(scene, "shape")
         if candidates:
@@ -115,7 +117,7 @@ def ask(kind: str, scene: list[dict], rng: random.Random, zh: bool) -> tuple[str
         side = "top" if obj["cell"] < 2 else "bottom"
         return ((f"{name(obj, True)}在上面还是下面？", ZH[side]) if zh else
                 (f"Is the {name(obj, False)} at the top or the bottom?", side))
-    present = rng.random() < 0.5
+    present = rng.random() < yes_share
     if present:
         obj = rng.choice(scene)
     else:  # a near miss: the colour or the shape of something that is there
@@ -126,6 +128,25 @@ def ask(kind: str, scene: list[dict], rng: random.Random, zh: bool) -> tuple[str
         obj = {"colour": colour, "shape": shape}
     answer = "Yes" if present else "No"
     return ((f"图中有{name(obj, True)}吗？", ZH[answer]) if zh else (f"Is there a {name(obj, False)}?", answer))
+
+
+def preference_pairs(scene: list[dict], rng: random.Random, zh: bool) -> list[tuple[str, str, str]]:
+    """(question, chosen, rejected) pairs aimed at hallucination: the rejected answer claims an object, a colour, a
+    shape or a count that the image does not have."""
+    pairs = []
+    for yes_share in (1.0, 0.0):  # one existence question about a present object, one about a near miss
+        question, answer = ask("existence", scene, rng, zh, yes_share)
+        other = {"Yes": "No", "No": "Yes", "是": "否", "否": "是"}[answer]
+        pairs.append((question, answer, other))
+    question, answer = ask("count", scene, rng, zh)
+    pairs.append((question, answer, str(len(scene) + 1)))  # one object too many
+    for kind, key, vocabulary in (("colour", "colour", list(COLOURS)), ("shape", "shape", list(SHAPES))):
+        question, answer = ask(kind, scene, rng, zh)
+        absent = [v for v in vocabulary if all(o[key] != v for o in scene)]
+        if absent:
+            wrong = rng.choice(absent)
+            pairs.append((question, answer, ZH[wrong] if zh else wrong))
+    return pairs
 
 
 def every_phrase() -> list[str]:
@@ -145,7 +166,8 @@ def every_phrase() -> list[str]:
 
 
 # ==================================================================== splits
-def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_size: int) -> str:
+def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_size: int,
+                sft_yes_share: float = 0.5) -> str:
     rng = random.Random(seed)
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
@@ -164,10 +186,14 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
             kinds = [rng.choice(QUESTION_TYPES) for _ in range(rng.randint(3, 6))]
             turns = []
             for t, question_type in enumerate(kinds):
-                question, answer = ask(question_type, scene, rng, zh)
+                question, answer = ask(question_type, scene, rng, zh, sft_yes_share)
                 turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
                           {"from": "gpt", "value": answer}]
             records.append({"id": f"{kind}-{i}", "image": file_name, "conversations": turns})
+        elif kind == "dpo":
+            for j, (question, chosen, rejected) in enumerate(preference_pairs(scene, rng, zh)):
+                records.append({"id": f"{kind}-{i}-{j}", "image": file_name, "question": question,
+                                "chosen": chosen, "rejected": rejected})
         else:
             for question_type in QUESTION_TYPES:
                 question, answer = ask(question_type, scene, rng, zh)
@@ -196,22 +222,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write procedural shape scenes in the LLaVA layout.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--output_dir", default="datasets/shapes", help="where the files and images/ go")
-    parser.add_argument("--kind", default="all", choices=["all", "pretrain", "sft", "eval"],
-                        help="all: pretrain + sft + eval + tokenizer")
+    parser.add_argument("--kind", default="all", choices=["all", "pretrain", "sft", "dpo", "eval"],
+                        help="all: pretrain + sft + dpo + eval + tokenizer")
     parser.add_argument("--num_samples", type=int, default=4000, help="images per training split (or of --kind)")
+    parser.add_argument("--num_dpo", type=int, default=1000, help="images of the dpo split with --kind all "
+                                                                 "(about five pairs each)")
     parser.add_argument("--num_eval", type=int, default=300, help="images of the eval split with --kind all "
                                                                   "(five questions each)")
-    parser.add_argument("--seed", type=int, default=0, help="pretrain uses seed, sft seed + 1, eval seed + 2")
+    parser.add_argument("--sft_yes_share", type=float, default=0.5,
+                        help="share of SFT existence questions whose answer is yes (the eval split keeps 0.5)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="pretrain uses seed, sft seed + 1, eval seed + 2, dpo seed + 3")
     parser.add_argument("--image_size", type=int, default=64, help="pixels per side")
     parser.add_argument("--vocab_size", type=int, default=1024, help="size of the learnt tokenizer")
     args = parser.parse_args(argv)
 
-    offsets = {"pretrain": 0, "sft": 1, "eval": 2}
-    kinds = ["pretrain", "sft", "eval"] if args.kind == "all" else [args.kind]
+    offsets = {"pretrain": 0, "sft": 1, "eval": 2, "dpo": 3}
+    counts = {"eval": args.num_eval, "dpo": args.num_dpo}
+    kinds = ["pretrain", "sft", "dpo", "eval"] if args.kind == "all" else [args.kind]
     for kind in kinds:
-        count = args.num_eval if args.kind == "all" and kind == "eval" else args.num_samples
+        count = counts.get(kind, args.num_samples) if args.kind == "all" else args.num_samples
         seed = args.seed + offsets[kind] if args.kind == "all" else args.seed
-        print(f"{kind}: {write_split(kind, args.output_dir, count, seed, args.image_size)} ({count} images)")
+        path = write_split(kind, args.output_dir, count, seed, args.image_size, args.sft_yes_share)
+        print(f"{kind}: {path} ({count} images)")
     if args.kind == "all":
         print(f"tokenizer: {write_tokenizer(args.output_dir, args.vocab_size)}")
 

@@ -1,4 +1,4 @@
-"""The offline main job: shape scenes -> tiny VLM -> pretrain -> SFT -> evaluation -> results table.
+"""The offline main job: shape scenes -> tiny VLM -> pretrain -> SFT -> DPO, evaluated after each stage.
 
 Runs the project's own commands one after another, each printed before it runs, and times them:
 
@@ -7,6 +7,8 @@ Runs the project's own commands one after another, each printed before it runs, 
     python eval_vlm.py ...                 what stage 1 alone answers
     python sft_train.py --model_path checkpoints/tiny/pretrain ...
     python eval_vlm.py ...                 what SFT adds
+    python dpo_train.py --model_path checkpoints/tiny/sft ...
+    python eval_vlm.py ...                 what DPO on hallucination pairs changes
 
 Nothing here is pretrained, so the tiny preset trains the vision tower and the LLM from stage 1 on (the flags
 --train_vision --train_llm); the real recipe freezes them. The table goes to stdout and to <output_dir>/results.json.
@@ -46,11 +48,12 @@ def last_json_line(output: str) -> dict:
 
 
 def stage_flags(args, stage: str) -> list[str]:
-    steps, lr = (args.pretrain_steps, args.pretrain_lr) if stage == "pretrain" else (args.sft_steps, args.sft_lr)
+    steps, lr = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_lr")
+    # Nothing is pretrained, so stages 1-2 train every module; DPO keeps its default (vision frozen).
+    modules = [] if stage == "dpo" else ["--train_vision", "--train_llm", "--train_projector"]
     return ["--data_path", os.path.join(args.data_dir, f"{stage}.json"),
             "--image_dir", os.path.join(args.data_dir, "images"),
-            "--output_dir", os.path.join(args.output_dir, stage),
-            "--train_vision", "--train_llm", "--train_projector",
+            "--output_dir", os.path.join(args.output_dir, stage), *modules,
             "--max_steps", str(steps), "--batch_size", str(args.batch_size), "--lr", str(lr),
             "--warmup_steps", str(args.warmup_steps), "--weight_decay", "0.0", "--max_length", "256",
             "--dtype", "fp32", "--device", "cpu", "--num_workers", str(args.num_workers), "--seed", str(args.seed),
@@ -95,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sft_steps", type=int, default=1200, help="stage-2 optimizer steps")
     parser.add_argument("--pretrain_lr", type=float, default=2e-3, help="stage-1 learning rate (all modules)")
     parser.add_argument("--sft_lr", type=float, default=1e-3, help="stage-2 learning rate (all modules)")
+    parser.add_argument("--dpo_steps", type=int, default=300, help="stage-3 optimizer steps")
+    parser.add_argument("--dpo_lr", type=float, default=2e-4, help="stage-3 learning rate (LLM + projector)")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--num_dpo", type=int, default=1000, help="images of the preference split")
+    parser.add_argument("--sft_yes_share", type=float, default=0.8,
+                        help="share of yes answers among SFT existence questions: the yes-bias DPO has to undo")
     parser.add_argument("--batch_size", type=int, default=32, help="samples per step")
     parser.add_argument("--warmup_steps", type=int, default=50, help="linear warmup of each stage")
     parser.add_argument("--num_workers", type=int, default=1, help="dataloader workers")
@@ -108,7 +117,8 @@ def main(argv=None):
     seconds = {} if args.install_seconds is None else {"install": args.install_seconds}
     started = time.perf_counter()
     run(["scripts/make_shapes.py", "--output_dir", args.data_dir, "--num_samples", str(args.num_samples),
-         "--num_eval", str(args.num_eval), "--seed", str(args.seed)], seconds, "generate")
+         "--num_eval", str(args.num_eval), "--num_dpo", str(args.num_dpo), "--sft_yes_share",
+         str(args.sft_yes_share), "--seed", str(args.seed)], seconds, "generate")
     tokenizer = os.path.join(args.data_dir, "tokenizer")
     run(["pretrain_train.py", "--preset", "tiny", "--tokenizer", tokenizer, *stage_flags(args, "pretrain")],
         seconds, "pretrain")
@@ -116,6 +126,9 @@ def main(argv=None):
     run(["sft_train.py", "--model_path", os.path.join(args.output_dir, "pretrain"), *stage_flags(args, "sft")],
         seconds, "sft")
     stages["sft"] = summarise(evaluate(args, "sft", seconds))
+    run(["dpo_train.py", "--model_path", os.path.join(args.output_dir, "sft"), "--beta", str(args.beta),
+         "--precompute_ref", *stage_flags(args, "dpo")], seconds, "dpo")
+    stages["dpo"] = summarise(evaluate(args, "dpo", seconds))
     seconds["total"] = round(time.perf_counter() - started + seconds.get("install", 0.0), 1)
 
     results = {"stages": stages, "seconds": seconds, "machine": f"{os.cpu_count()} CPU cores",
