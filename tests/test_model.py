@@ -231,3 +231,22 @@ def test_second_turn_sees_the_first(model, image):
     text = model.tokenizer.decode(batch["input_ids"][0])
     assert text.index("<|image_pad|>") < text.index(QUESTION) < text.index("a red circle") < text.index("And now?")
     assert text.count("<|image_pad|>") == model.config.num_image_tokens
+
+
+def test_chat_session_reuses_the_cache_and_encodes_the_image_once(model, image):
+    from model import ChatSession
+
+    calls = []
+    hook = model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        session = ChatSession(model, image)
+        first = session.ask(QUESTION, **GEN)
+        prompt_length = session._cache.get_seq_length()
+        second = "".join(session.stream("And now?", **GEN)).strip()
+    finally:
+        hook.remove()
+    assert calls == [1], "the follow-up must reuse the cached image, not encode it again"
+    assert session._cache.get_seq_length() > prompt_length
+    assert first == model.chat(image, QUESTION, **GEN)
+    assert second == model.chat(image, "And now?", history=[(QUESTION, first)], **GEN)
+    assert session.history == [(QUESTION, first), ("And now?", second)]
