@@ -85,3 +85,20 @@ def write_llava_json(root: str, n: int, text_only=(), name: str = "data.json", t
 @pytest.fixture
 def llava_data(tmp_path):
     return write_llava_json(str(tmp_path), 8)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """A tiny VLM trained for a few seconds on shape captions, so that it answers in words."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("trained")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_shapes.py"), "--output_dir", str(root),
+                    "--num_samples", "64", "--num_eval", "4", "--num_dpo", "4"], check=True, capture_output=True)
+    import sft_train
+
+    sft_train.main(["--preset", "tiny", "--tokenizer", str(root / "tokenizer"), "--data_path",
+                    str(root / "pretrain.json"), "--image_dir", str(root / "images"), "--output_dir", str(root / "model"),
+                    "--max_steps", "60", "--batch_size", "16", "--lr", "3e-3", "--warmup_steps", "5",
+                    "--train_vision", "--num_workers", "0", "--save_steps", "0", "--dtype", "fp32"])
+    return str(root / "model"), str(root / "images")
