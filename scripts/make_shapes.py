@@ -85,27 +85,29 @@ def unique(scene: list[dict], key: str) -> list[dict]:
     return [o for o in scene if sum(p[key] == o[key] for p in scene) == 1]
 
 
+# What is asked -> (the attribute that names the object, question by that name en/zh, question by cell en/zh).
+ATTRIBUTE_QUESTIONS = {
+    "colour": ("shape", "What colour is the {}?", "{}是什么颜色？", "What colour is the shape on the {}?",
+               "{}的图形是什么颜色？"),
+    "shape": ("colour", "What shape is the {} object?", "{}的图形是什么形状？", "What shape is on the {}?", "{}是什么形状？"),
+}
+
+
+def ask_attribute(kind: str, scene: list[dict], rng: random.Random, zh: bool) -> tuple[str, str]:
+    """The colour or shape of one object, named by its other attribute when that is unique, else by its cell."""
+    key, by_name, by_name_zh, by_cell, by_cell_zh = ATTRIBUTE_QUESTIONS[kind]
+    candidates = unique(scene, key)
+    obj = rng.choice(candidates or scene)
+    word = obj[key] if candidates else CELLS[obj["cell"]]
+    template = (by_name_zh if zh else by_name) if candidates else (by_cell_zh if zh else by_cell)
+    return template.format(ZH[word] if zh else word), ZH[obj[kind]] if zh else obj[kind]
+
+
 def ask(kind: str, scene: list[dict], rng: random.Random, zh: bool, yes_share: float = 0.5) -> tuple[str, str]:
     """One (question, answer) of the given type about the scene; existence questions are about something present
     with probability yes_share."""
-    if kind == "colour":
-        candidates = unique(scene, "shape")
-        if candidates:
-            obj = rng.choice(candidates)
-            return ((f"{ZH[obj['shape']]}是什么颜色？", ZH[obj["colour"]]) if zh else
-                    (f"What colour is the {obj['shape']}?", obj["colour"]))
-        obj = rng.choice(scene)
-        return ((f"{ZH[CELLS[obj['cell']]]}的图形是什么颜色？", ZH[obj["colour"]]) if zh else
-                (f"What colour is the shape on the {CELLS[obj['cell']]}?", obj["colour"]))
-    if kind == "shape":
-        candidates = unique(scene, "colour")
-        if candidates:
-            obj = rng.choice(candidates)
-            return ((f"{ZH[obj['colour']]}的图形是什么形状？", ZH[obj["shape"]]) if zh else
-                    (f"What shape is the {obj['colour']} object?", obj["shape"]))
-        obj = rng.choice(scene)
-        return ((f"{ZH[CELLS[obj['cell']]]}是什么形状？", ZH[obj["shape"]]) if zh else
-                (f"What shape is on the {CELLS[obj['cell']]}?", obj["shape"]))
+    if kind in ATTRIBUTE_QUESTIONS:
+        return ask_attribute(kind, scene, rng, zh)
     if kind == "count":
         return ("图中有几个图形？" if zh else "How many shapes are there?"), str(len(scene))
     if kind == "position":
