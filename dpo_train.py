@@ -1,5 +1,8 @@
 """Stage 3: Direct Preference Optimization from an SFT checkpoint (LLM + projector train, vision frozen).
 
+With --lora only the adapters train (the projector stays as SFT left it unless you pass --train_projector with
+--precompute_ref), and the reference is the same model with its adapters switched off: no second copy in memory.
+
     python dpo_train.py --model_path checkpoints/sft --data_path datasets/RLAIF-V/pairs.parquet \
         --output_dir checkpoints/dpo --beta 0.1
 
@@ -11,6 +14,7 @@ its log-probabilities computed in a first pass, so no second model sits in memor
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 from utils import run_stage_from_args, stage_parser
 
@@ -98,7 +102,17 @@ class DPOObjective:
         self.reference = None
 
     def prepare(self, model, dataset, runtime, collate_fn, autocast) -> None:
-        """Freeze a copy of the starting model as the reference, or precompute its log-probs for every pair."""
+        """The reference: the starting model's log-probs precomputed for every pair, or the policy with its LoRA
+        adapters switched off, or a frozen copy of the starting model."""
+        if not self.precompute and model.config.lora:
+            extra = sorted(set(n for n, p in model.named_parameters() if p.requires_grad)
+                           - set(model.adapter_parameters()))
+            if extra:
+                raise ValueError(f"with LoRA the reference is the model without its adapters, so only adapters may "
+                                 f"train, but {extra[:3]} ({len(extra)} tensors) train too: pass "
+                                 f"--no-train_projector, or --precompute_ref")
+            self.reference = model
+            return
         if not self.precompute:
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
             return
@@ -121,6 +135,22 @@ class DPOObjective:
         table[positions] = torch.cat(values)
         dataset.reference_logps = all_reduce_sum(table, runtime).cpu()
 
+    @contextmanager
+    def reference_mode(self):
+        """A frozen copy runs as it is; the LoRA policy runs without adapters and without dropout, then goes back
+        to training exactly as it was."""
+        if not self.reference.config.lora or self.reference.training is False:
+            yield
+            return
+        modes = {module: module.training for module in self.reference.modules()}
+        self.reference.eval()
+        try:
+            with self.reference.adapters_disabled():
+                yield
+        finally:
+            for module, mode in modes.items():
+                module.train(mode)
+
     def count(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2
 
@@ -132,7 +162,7 @@ class DPOObjective:
         if "reference_logps" in batch:
             ref_chosen, ref_rejected = batch["reference_logps"].unbind(1)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), self.reference_mode():
                 ref_chosen, ref_rejected = sequence_logps(self.reference, batch)[0].chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen, policy_rejected, ref_chosen.to(logps.dtype), ref_rejected.to(logps.dtype), self.beta,
@@ -147,7 +177,7 @@ class DPOObjective:
 
 
 def build_parser():
-    parser = stage_parser(__doc__.splitlines()[0], lr=1e-6, train_vision=False, train_projector=True,
+    parser = stage_parser(__doc__.splitlines()[0], lr=1e-6, train_vision=False, train_projector=None,
                           train_llm=True, max_length=2048, batch_size=8, warmup_ratio=0.1)
     dpo = parser.add_argument_group("DPO")
     dpo.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
@@ -161,11 +191,18 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.train_projector is None:  # with LoRA, the adapter-free model is the reference: keep the projector
+        args.train_projector = not args.lora
     if args.model_path is None and args.preset is None:
         parser.error("DPO starts from a trained model: give --model_path (an SFT checkpoint)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     run_stage_from_args(args, build_dataset=build_preference_dataset, objective=DPOObjective(args),
                         collate=collate_pairs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -61,6 +62,9 @@ class VLMConfig(PreTrainedConfig):
     projector_hidden_size: int | None = None  # None: the LLM's hidden size
     vision_feature_layer: int = -1  # -1: the tower's last_hidden_state; other values index hidden_states
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # LoRA adapters, when the model carries them: {"r", "alpha", "dropout", "towers": ["llm"] or ["llm", "vision"]}.
+    # Kept in the config so that from_pretrained rebuilds the adapters before loading their weights.
+    lora: dict | None = None
 
     @property
     def vision_grid(self) -> int:
@@ -150,6 +154,8 @@ class VLM(PreTrainedModel, GenerationMixin):
         # Set by attach_processors / from_pretrained; chat() and the data pipeline need them.
         self.tokenizer = None
         self.image_processor = None
+        if config.lora:
+            self.add_lora(**config.lora)
         self.post_init()
 
     def _init_weights(self, module):
@@ -238,6 +244,71 @@ class VLM(PreTrainedModel, GenerationMixin):
         num_tokens = supervised.sum()
         return VLMOutput(loss=loss_sum / num_tokens.clamp(min=1), loss_sum=loss_sum, num_tokens=num_tokens,
                          logits=logits, past_key_values=outputs.past_key_values)
+
+    # ---------------------------------------------------------------- LoRA
+    def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, towers=("llm",)) -> VLM:
+        """Inject LoRA adapters (peft) into every linear layer of the chosen towers' transformer blocks."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = self.lora_targets(towers)
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets), self)
+        self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "towers": list(towers)}
+        return self
+
+    def lora_targets(self, towers) -> list[str]:
+        """Attention and MLP projections chosen by module type (nn.Linear, or GPT-2's Conv1D) inside the towers'
+        blocks, whatever a given LLM names them; never the embeddings, the LM head or the projector."""
+        from transformers.pytorch_utils import Conv1D
+
+        roots = {"llm": ("language_model", self.language_model.base_model), "vision": ("vision_model", self.vision_model)}
+        names = []
+        for tower in towers:
+            if tower not in roots:
+                raise ValueError(f"unknown LoRA tower {tower!r}: use 'llm' or 'vision'")
+            prefix, root = roots[tower]
+            root_name = next(n for n, m in self.named_modules() if m is root)
+            names += [f"{root_name}.{n}" for n, m in root.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+        if not names:
+            raise ValueError(f"no linear layers found for LoRA in {list(towers)}")
+        return names
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The LoRA parameters, found by layer type rather than by name."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        found = {}
+        for module_name, module in self.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                found.update({f"{module_name}.{n}": p for n, p in module.named_parameters()
+                              if not n.startswith("base_layer.")})
+        return found
+
+    @contextmanager
+    def adapters_disabled(self):
+        """Run the base model without its adapters (DPO's reference). Only the forward switch is flipped, not
+        requires_grad, so a graph built before stays intact."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer._disable_adapters = False
+
+    def merge_lora(self) -> VLM:
+        """Fold every adapter into its base weight and drop the adapter layers: a plain VLM again."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for name, module in list(self.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, module.get_base_layer())
+        self.config.lora = None
+        return self
 
     # ---------------------------------------------------------------- processors, save and load
     def attach_processors(self, tokenizer, image_processor) -> VLM:
@@ -413,12 +484,15 @@ def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
 
 
 def vlm_from_components(vision_model: str = DEFAULT_VISION_MODEL, llm_model: str = DEFAULT_LLM,
-                        dtype: torch.dtype = torch.float32, **config_kwargs) -> VLM:
-    """Stage-1 start: pretrained vision tower + pretrained LLM + a fresh projector (hub ids or local folders)."""
+                        dtype: torch.dtype = torch.float32, llm_kwargs: dict | None = None, **config_kwargs) -> VLM:
+    """Stage-1 start: pretrained vision tower + pretrained LLM + a fresh projector (hub ids or local folders).
+    `llm_kwargs` go to the LLM's from_pretrained (a quantization_config for QLoRA)."""
     vision = load_vision_tower(vision_model, dtype=dtype)
-    language = AutoModelForCausalLM.from_pretrained(llm_model, dtype=dtype)
+    language = AutoModelForCausalLM.from_pretrained(llm_model, dtype=dtype, **(llm_kwargs or {}))
     config = VLMConfig(vision_config=vision.config, text_config=language.config, **config_kwargs)
-    model = VLM(config, vision_model=vision, language_model=language).to(dtype)
+    model = VLM(config, vision_model=vision, language_model=language)
+    if not llm_kwargs:  # a quantized LLM keeps its k-bit weights
+        model = model.to(dtype)
     return model.attach_processors(AutoTokenizer.from_pretrained(llm_model),
                                    AutoImageProcessor.from_pretrained(vision_model))
 

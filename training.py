@@ -90,21 +90,53 @@ def seed_everything(seed: int) -> None:
 
 # ==================================================================== model, trainable modules, optimizer
 def build_model(args, tokenizer_texts=None) -> VLM:
-    """From a VLM checkpoint (--model_path), a named preset (--preset), or two pretrained components."""
+    """From a VLM checkpoint (--model_path), a named preset (--preset), or two pretrained components; then LoRA
+    adapters when asked for and not already there."""
+    quantization = quantization_config(args)
     if args.model_path:
-        return VLM.from_pretrained(args.model_path)
-    if args.preset:
+        model = VLM.from_pretrained(args.model_path, **quantization)
+    elif args.preset:
         if args.tokenizer:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         else:  # nothing pretrained: a small BPE learnt from the training text itself
             tokenizer = make_tokenizer(tokenizer_texts(), vocab_size=args.tokenizer_vocab_size)
-        return vlm_from_preset(args.preset, tokenizer)
-    return vlm_from_components(args.vision_model, args.llm_model)
+        model = vlm_from_preset(args.preset, tokenizer)
+    else:
+        model = vlm_from_components(args.vision_model, args.llm_model, llm_kwargs=quantization)
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    if args.lora and not model.config.lora:
+        model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target)
+    return model
+
+
+def quantization_config(args) -> dict:
+    """k-bit loading of the frozen LLM (QLoRA). bitsandbytes needs a CUDA GPU: say so before any work starts."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return {}
+    if not torch.cuda.is_available():
+        raise SystemExit("--load_in_4bit / --load_in_8bit quantize the LLM with bitsandbytes, which needs a CUDA "
+                         "GPU; none is visible here. Use --lora without k-bit loading on this machine.")
+    if not args.lora:
+        raise SystemExit("k-bit weights cannot be trained directly: add --lora (QLoRA)")
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=["vision_model", "projector", "lm_head"])}
 
 
 def set_trainable(model: VLM, vision: bool, projector: bool, llm: bool) -> None:
+    """Freeze or train each module. A module that carries LoRA adapters trains its adapters only."""
+    adapters = {id(p) for p in model.adapter_parameters().values()}
     for key, flag in (("vision", vision), ("projector", projector), ("llm", llm)):
-        module_of(model, key).requires_grad_(flag)
+        params = list(module_of(model, key).parameters())
+        own_adapters = [p for p in params if id(p) in adapters]
+        for p in params:
+            p.requires_grad_(flag and (not own_adapters or id(p) in adapters))
 
 
 def module_of(model: VLM, key: str) -> torch.nn.Module:
@@ -416,6 +448,7 @@ def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = T
 
 def run_stage(args, build_dataset=build_conversation_dataset, objective=None, collate=collate) -> VLM | None:
     """Everything a stage script does after parsing its flags: build, check or train, save."""
+    quantization_config(args)  # a k-bit request on a machine that cannot serve it stops here, before any work
     runtime = setup_runtime(args.device)
     seed_everything(args.seed)
     torch.set_float32_matmul_precision("high")

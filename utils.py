@@ -67,6 +67,18 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     train.add_argument("--seed", type=int, default=42, help="seeds initialisation and data order")
 
+    lora = parser.add_argument_group("LoRA and k-bit (QLoRA)")
+    lora.add_argument("--lora", action="store_true",
+                      help="train LoRA adapters instead of the weights of each trained tower (the projector and "
+                           "anything without adapters still train fully)")
+    lora.add_argument("--lora_r", type=int, default=16, help="adapter rank")
+    lora.add_argument("--lora_alpha", type=int, default=32, help="adapter scale numerator (scale = alpha / r)")
+    lora.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the adapter input")
+    lora.add_argument("--lora_target", nargs="+", default=["llm"], choices=["llm", "vision"],
+                      help="towers whose linear layers (attention and MLP projections, by module type) get adapters")
+    lora.add_argument("--load_in_4bit", action="store_true", help="QLoRA: the frozen LLM in 4-bit NF4 (CUDA only)")
+    lora.add_argument("--load_in_8bit", action="store_true", help="the frozen LLM in 8-bit (CUDA only)")
+
     ckpt = parser.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--save_steps", type=int, default=500, help="write checkpoint-STEP/ every this many steps")
     ckpt.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept (oldest deleted first)")

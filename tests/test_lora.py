@@ -1,0 +1,140 @@
+"""LoRA in every stage: only adapters (and the projector) change, resume restores all of them, the checkpoint
+loads with VLM.from_pretrained, merging keeps the logits, DPO's adapter-free reference equals a frozen copy, and
+k-bit loading without a GPU stops with a clear message."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_vlm, write_llava_json
+from safetensors.torch import load_file
+from test_dpo import pair_records
+
+import dpo_train
+import pretrain_train
+import sft_train
+from dpo_train import DPOObjective, collate_pairs, sequence_logps
+from model import VLM
+
+LORA = ["--lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0"]
+
+
+def args_for(data, start, out, *extra):
+    path, image_dir = data
+    return ["--model_path", str(start), "--data_path", path, "--image_dir", image_dir, "--output_dir", str(out),
+            "--num_workers", "0", "--logging_steps", "1", "--dtype", "fp32", "--batch_size", "4", "--lr", "1e-2",
+            "--warmup_steps", "0", *LORA, *extra]
+
+
+@pytest.fixture
+def start(tmp_path, toy_tokenizer):
+    folder = tmp_path / "start"
+    tiny_vlm(toy_tokenizer).save_pretrained(folder)
+    return folder
+
+
+def weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def base_name(name):
+    """The plain checkpoint's name of a LoRA-wrapped base weight."""
+    return name.replace(".base_layer.", ".")
+
+
+def assert_only_adapters_and_projector_changed(before, after, projector_trained=True):
+    adapters = [k for k in after if ".lora_" in k]
+    assert adapters and all(not torch.equal(after[k], torch.zeros_like(after[k])) for k in adapters if "lora_B" in k)
+    for name, tensor in after.items():
+        if ".lora_" in name:
+            continue
+        original = before[base_name(name)]
+        if name.startswith("projector.") and projector_trained:
+            assert not torch.equal(tensor, original), name
+        else:
+            assert torch.equal(tensor, original), name
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_lora_train_resume_load_and_merge(tmp_path, start, stage, capsys):
+    if stage == "dpo":
+        data, main = pair_records(str(tmp_path / "data")), dpo_train.main
+        extra = ["--precompute_ref", "--train_projector"]
+    else:
+        data = write_llava_json(str(tmp_path / "data"), 12)
+        main = pretrain_train.main if stage == "pretrain" else sft_train.main
+        extra = ["--train_llm"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    main(args_for(data, start, whole, "--max_steps", "6", "--save_steps", "3", "--save_total_limit", "2", *extra))
+    printed = capsys.readouterr().out
+    assert "llm 0.10M (trained)" in printed and "projector 0.01M (trained)" in printed
+    model = VLM.from_pretrained(str(whole))
+    trainable = sum(p.numel() for p in model.adapter_parameters().values())
+    assert trainable == sum(4 * (m.in_features + m.out_features) for name, m in model.named_modules()
+                            if name.endswith(".base_layer"))  # rank 4: r x (in + out) per adapted layer
+    assert_only_adapters_and_projector_changed(weights(start), weights(whole))
+
+    # Resume from the middle checkpoint: adapters, projector, optimizer and data position all come back.
+    os.makedirs(resumed)
+    shutil.copytree(whole / "checkpoint-3", resumed / "checkpoint-3")
+    main(args_for(data, start, resumed, "--max_steps", "6", "--save_steps", "3", "--resume", *extra))
+    a, b = weights(whole), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # The LoRA checkpoint loads as it is, and merges into a plain one with the same logits.
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_lora.py"), "--model_path", str(whole),
+                    "--output_dir", str(merged)], check=True, capture_output=True)
+    plain = VLM.from_pretrained(str(merged)).eval()
+    assert plain.config.lora is None and not any(".lora_" in k for k in weights(merged))
+    ids = torch.tensor([[1, 5, 9, 12, 30, 2]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
+
+
+def test_dpo_reference_without_adapters_equals_a_frozen_copy(tmp_path, start):
+    path, image_dir = pair_records(str(tmp_path / "data"), 4)
+    args = dpo_train.parse_args(args_for((path, image_dir), start, tmp_path / "out"))
+    model = VLM.from_pretrained(str(start))
+    model.add_lora(4, 8, 0.0)
+    from training import set_trainable
+
+    set_trainable(model, vision=False, projector=args.train_projector, llm=True)
+    assert args.train_projector is False  # LoRA DPO keeps the projector: the adapter-free model is the reference
+    with torch.no_grad():
+        for p in model.adapter_parameters().values():
+            p.add_(torch.randn_like(p) * 0.05)
+    objective = DPOObjective(args)
+    from data import ConversationDataset, VLMProcessor, parse_preference_record
+
+    dataset = ConversationDataset([path], VLMProcessor.from_model(model), image_dir, parse=parse_preference_record)
+    objective.prepare(model, dataset, None, None, None)
+    assert objective.reference is model  # no second copy
+    batch = collate_pairs([dataset[i] for i in range(4)], model.tokenizer.pad_token_id)
+    model.train()
+    with torch.no_grad(), objective.reference_mode():
+        without_adapters = sequence_logps(model, batch)[0]
+    assert model.training
+    frozen_copy = VLM.from_pretrained(str(start)).eval()
+    with torch.no_grad():
+        reference = sequence_logps(frozen_copy, batch)[0]
+        with_adapters = sequence_logps(model.eval(), batch)[0]
+    assert torch.allclose(without_adapters, reference, atol=1e-5)
+    assert not torch.allclose(with_adapters, reference, atol=1e-3)
+
+    model.projector.requires_grad_(True)
+    with pytest.raises(ValueError, match="only adapters may train"):
+        objective.prepare(model, dataset, None, None, None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
+def test_kbit_without_gpu_stops_before_any_work(tmp_path, start):
+    data = write_llava_json(str(tmp_path / "data"), 4)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="needs a CUDA GPU; none is visible"):
+        sft_train.main(args_for(data, start, out, "--load_in_4bit", "--max_steps", "1"))
+    assert not out.exists()
