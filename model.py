@@ -509,9 +509,9 @@ def vlm_from_configs(vision_config: PreTrainedConfig, text_config: PreTrainedCon
 # "tiny" and "small" are for tests and CPU runs. Vocabulary size follows the tokenizer given.
 PRESETS = {
     "tiny": dict(
-        vision=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vision=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                     num_attention_heads=4, image_size=64, patch_size=8, vision_use_head=False),
-        text=dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text=dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=True),
     ),

@@ -350,7 +350,8 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                                          collate_fn=collate_fn, num_workers=args.num_workers,
                                          pin_memory=runtime.device.type == "cuda",
                                          persistent_workers=False)
-    steps_per_epoch = max(1, math.ceil(len(sampler) / args.batch_size) // args.grad_accum)
+    batches_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
     optimizer = build_optimizer(model, args)
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
@@ -427,7 +428,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
 
             elapsed = time.perf_counter() - started
             record = {"loss": reduced[0].item(), "lr": lr, "grad_norm": grad_norm.item(),
-                      "epoch": stream.epoch + stream.batch_in_epoch / max(len(loader), 1),
+                      "epoch": stream.epoch + stream.batch_in_epoch / batches_per_epoch,
                       "supervised_tokens": int(num_items), "tokens_per_s": num_tokens / elapsed,
                       "samples_per_s": args.batch_size * args.grad_accum * runtime.world_size / elapsed,
                       **{name: value.item() for name, value in zip(metric_sums, reduced[1:])}}
