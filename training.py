@@ -488,7 +488,7 @@ def describe_run(model: VLM, dataset, runtime: Runtime, args) -> None:
     counts = {key: (sum(p.numel() for p in module_of(model, key).parameters()),
                     sum(p.numel() for p in module_of(model, key).parameters() if p.requires_grad))
               for key in MODULE_PREFIXES}
-    parts = ", ".join(f"{key} {total / 1e6:.2f}M ({'trained' if trained else 'frozen'})"
+    parts = ", ".join(f"{key} {total / 1e6:.2f}M (" + (f"{trained:,} trained" if trained else "frozen") + ")"
                       for key, (total, trained) in counts.items())
     print(f"model: {parts}; {model.config.num_image_tokens} image tokens per image")
     print(f"data: {len(dataset)} samples; {runtime.world_size} process(es) x batch {args.batch_size} x "
