@@ -208,7 +208,7 @@ class VLM(PreTrainedModel, GenerationMixin):
         # Under DDP every trainable parameter must receive a gradient on every rank, or the all-reduce hangs. A
         # text-only batch therefore runs the projector (and a trainable tower) on a blank image with weight zero.
         return (self.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()
-                and any(p.requires_grad for p in self.projector.parameters()))
+                and any(p.requires_grad for p in [*self.projector.parameters(), *self.vision_model.parameters()]))
 
     def _blank_image(self, like: torch.Tensor) -> torch.Tensor:
         size = self.config.vision_grid * self._patch_size()

@@ -173,6 +173,34 @@ def build_optimizer(model: VLM, args) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
 
 
+def shard_model(model: VLM) -> None:
+    """FSDP2: each transformer block of a module that trains becomes its own shard unit, the rest joins the root.
+    Frozen towers stay whole inside the root, so a rank that skips them (a text-only batch) skips no collective."""
+    from torch.distributed.fsdp import fully_shard
+
+    block_types = set(model._no_split_modules or ())
+    for key in MODULE_PREFIXES:
+        module = module_of(model, key)
+        if any(p.requires_grad for p in module.parameters()):
+            for block in [m for m in module.modules() if type(m).__name__ in block_types]:
+                fully_shard(block)
+    fully_shard(model)
+
+
+def full_tensors(model: VLM) -> dict[str, torch.Tensor]:
+    """Every trainable tensor in full on every rank (a collective under FSDP: all ranks must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+            for n, p in trainable_parameters(model).items()}
+
+
+def sharded(model: VLM) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 # ==================================================================== objectives
 class LanguageModelingObjective:
     """Next-token loss on the supervised tokens; the loop divides its sum by the step's global token count."""
@@ -232,10 +260,10 @@ def save_checkpoint(output_dir: str, step: int, model: VLM, optimizer, scheduler
         os.makedirs(temporary)
     barrier(runtime)
     torch.save(rng_state(), os.path.join(temporary, f"rng_state_{runtime.rank}.pt"))
+    tensors, optimizer_state = full_tensors(model), optimizer_state_dict(model, optimizer)
     if runtime.is_main:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model).items()}
         save_file(tensors, os.path.join(temporary, "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(temporary, "optimizer.pt"))
+        torch.save(optimizer_state, os.path.join(temporary, "optimizer.pt"))
         torch.save(scheduler.state_dict(), os.path.join(temporary, "scheduler.pt"))
         torch.save(scaler.state_dict(), os.path.join(temporary, "scaler.pt"))
         with open(os.path.join(temporary, "trainer_state.json"), "w") as f:
@@ -248,6 +276,16 @@ def save_checkpoint(output_dir: str, step: int, model: VLM, optimizer, scheduler
             shutil.rmtree(old)
     barrier(runtime)
     return final
+
+
+def optimizer_state_dict(model: VLM, optimizer) -> dict:
+    """The optimizer state, gathered in full when the model is sharded."""
+    if not sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -267,11 +305,19 @@ def load_checkpoint(path: str, model: VLM, optimizer, scheduler, scaler, runtime
         raise ValueError(f"{path} does not match the trainable parameters of this run: missing {missing[:5]} "
                          f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}); resume with the "
                          f"same model and freeze flags")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
     load = partial(torch.load, weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(load(os.path.join(path, "optimizer.pt")))
+    if sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True, strict=False)  # the key check above is the strict one
+        set_model_state_dict(model, tensors, options=full)
+        set_optimizer_state_dict(model, optimizer, load(os.path.join(path, "optimizer.pt")), options=full)
+    else:
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(tensors[name])
+        optimizer.load_state_dict(load(os.path.join(path, "optimizer.pt")))
     scheduler.load_state_dict(load(os.path.join(path, "scheduler.pt")))
     scaler.load_state_dict(load(os.path.join(path, "scaler.pt")))
     rng_file = os.path.join(path, f"rng_state_{runtime.rank}.pt")
@@ -295,11 +341,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_final_model(model: VLM, output_dir: str) -> None:
-    """A plain VLM.from_pretrained folder in output_dir, its files moved into place only once all are written."""
+def save_final_model(model: VLM, output_dir: str, runtime: Runtime) -> None:
+    """A plain VLM.from_pretrained folder in output_dir, its files moved into place only once all are written.
+    A sharded model is gathered first (every rank takes part); the main process writes."""
+    state_dict = None
+    if sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        for tied in model.all_tied_weights_keys:  # e.g. an LM head that shares the embedding: saved once
+            state_dict.pop(tied, None)
+    if not runtime.is_main:
+        return
     temporary = os.path.join(output_dir, ".final.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
+    model.save_pretrained(temporary, state_dict=state_dict)
     for name in os.listdir(temporary):
         os.replace(os.path.join(temporary, name), os.path.join(output_dir, name))
     os.rmdir(temporary)
@@ -345,6 +401,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = resolve_dtype(args.dtype, runtime.device)
+    autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
     sampler = ResumableSampler(dataset, runtime, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          collate_fn=collate_fn, num_workers=args.num_workers,
@@ -353,13 +410,14 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     batches_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
+    if hasattr(objective, "prepare"):  # before sharding and resuming: DPO's reference is the starting model
+        objective.prepare(model, dataset, runtime, collate_fn, autocast)
+    if args.fsdp and runtime.distributed:
+        shard_model(model)
     optimizer = build_optimizer(model, args)
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
-    autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-    if hasattr(objective, "prepare"):  # before resuming: DPO's reference is the starting model, not a checkpoint
-        objective.prepare(model, dataset, runtime, collate_fn, autocast)
     run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum}
 
     step, stream = 0, BatchStream(loader, sampler, args.batch_size)
@@ -376,8 +434,8 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     elif args.resume and runtime.is_main:
         print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
 
-    ddp_model = model
-    if runtime.distributed:
+    ddp_model, is_sharded = model, sharded(model)
+    if runtime.distributed and not is_sharded:
         # A trainable tower may hold parameters our features never reach (CLIP's post_layernorm acts only on its
         # pooled output); DDP must then look for them each step instead of waiting for their gradients forever.
         ddp_model = DistributedDataParallel(
@@ -403,6 +461,9 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                 batch = {k: (v.to(runtime.device, non_blocking=True) if torch.is_tensor(v) else v)
                          for k, v in batch.items()}
                 sync = not runtime.distributed or i == len(micro_batches) - 1
+                if is_sharded:  # FSDP2 reduce-scatters the gradients only after the last micro-batch
+                    model.set_requires_gradient_sync(sync)
+                    sync = True
                 with (nullcontext() if sync else ddp_model.no_sync()), autocast:
                     loss_sum, metrics = objective(ddp_model, batch)
                     loss = loss_sum * runtime.world_size / max(num_items, 1)
@@ -465,8 +526,8 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
         describe_run(model, dataset, runtime, args)
     train(args, runtime, model, dataset, objective or LanguageModelingObjective(),
           partial(collate, pad_token_id=processor.pad_token_id))
+    save_final_model(model, args.output_dir, runtime)
     if runtime.is_main:
-        save_final_model(model, args.output_dir)
         print(f"saved the final model to {args.output_dir}")
     barrier(runtime)
     if runtime.distributed:

@@ -62,6 +62,9 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     train.add_argument("--train_projector", action=on_off, default=True, help="train the projector")
     train.add_argument("--train_llm", action=on_off, default=True, help="train the language model")
     train.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of "
+                            "replicating them with DDP (same results, less memory per GPU)")
     train.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 with loss scaling; fp32 on CPU")
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -293,3 +293,34 @@ def test_help_works_without_loading_torch(script):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--grad_accum" in result.stdout and "--check_data" in result.stdout
     assert " torch" not in result.stderr and "transformers" not in result.stderr
+
+
+def test_fsdp2_with_gloo_equals_ddp_and_its_checkpoints_resume_and_load(tmp_path):
+    """FSDP2 on 2 CPU processes: the same losses, gradient norms and final weights as DDP on the same global batch,
+    exact resume from its gathered checkpoint, and a final folder that VLM.from_pretrained opens."""
+    data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = ["--preset", "tiny", "--max_steps", "4", "--save_steps", "2", "--batch_size", "2", "--grad_accum", "2",
+             "--train_vision"]
+
+    def torchrun(out, *extra):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 os.path.join(ROOT, "sft_train.py"), *common_args(data, out, *steps), *extra],
+                                env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    torchrun(tmp_path / "ddp")
+    torchrun(tmp_path / "fsdp", "--fsdp")
+    assert_same_run(read_log(tmp_path / "ddp"), read_log(tmp_path / "fsdp"), [1, 2, 3, 4])
+    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    (tmp_path / "resumed").mkdir()
+    os.rename(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    assert "resumed from" in torchrun(tmp_path / "resumed", "--fsdp", "--resume").stdout
+    c = final_weights(tmp_path / "resumed")
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    model = VLM.from_pretrained(str(tmp_path / "fsdp"))
+    image = os.path.join(data[1], sorted(os.listdir(data[1]))[0])
+    assert model.tokenizer is not None and isinstance(model.chat(image, "Hi?", max_new_tokens=2), str)
