@@ -140,3 +140,21 @@ def test_kbit_without_gpu_stops_before_any_work(tmp_path, start):
     with pytest.raises(SystemExit, match="needs a CUDA GPU; none is visible"):
         sft_train.main(args_for(data, start, out, "--load_in_4bit", "--max_steps", "1"))
     assert not out.exists()
+
+
+def test_lora_targets_are_found_by_module_type_in_each_tower(toy_tokenizer):
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_vlm(toy_tokenizer)
+    targets = model.lora_targets(["llm", "vision"])
+    linear = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    assert set(targets) == {n for n in linear if n.startswith(("language_model.model.", "vision_model."))}
+    assert not any(t.startswith("projector") or t.endswith("lm_head") for t in targets)
+    model.add_lora(4, 8, 0.0, towers=["llm", "vision"])
+    adapters = model.adapter_parameters()
+    assert any(n.startswith("vision_model.") for n in adapters) and any(n.startswith("language_model.") for n in adapters)
+    from training import set_trainable
+
+    set_trainable(model, vision=True, projector=True, llm=True)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(adapters) | {n for n, _ in model.projector.named_parameters(prefix="projector")}
