@@ -13,6 +13,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from PIL import Image
@@ -264,7 +265,7 @@ class VLMProcessor:
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    @property
+    @cached_property
     def stop_token_ids(self) -> list[int]:
         """The token that ends an assistant turn in this template (Qwen: <|im_end|>), plus the tokenizer's eos."""
         probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
