@@ -379,12 +379,14 @@ class VLMProcessor:
 class ConversationDataset(torch.utils.data.Dataset):
     """Records from one or more files, validated up front (structure, image files present) and encoded lazily.
 
-    With skip_bad_samples every sample is fully encoded once at start-up and the failures are dropped and counted;
-    otherwise the first problem stops the run with a message naming the file and sample."""
+    With skip_bad_samples every sample is fully encoded once at start-up (in `scan_workers` processes) and the
+    failures are dropped and counted; otherwise the first problem stops the run with a message naming the file and
+    sample."""
 
     def __init__(self, paths: list[str], processor: VLMProcessor, image_dir: str | None = None,
-                 skip_bad_samples: bool = False, validate: bool = True, parse=parse_record):
+                 skip_bad_samples: bool = False, validate: bool = True, parse=parse_record, scan_workers: int = 0):
         self.processor, self.image_dir, self.parse = processor, image_dir, parse
+        self.scan_workers = scan_workers
         self.tables = [(path, load_records(path)) for path in paths]
         self.index = [(t, i) for t, (_, table) in enumerate(self.tables) for i in range(len(table))]
         if not validate:  # check_data() reports every problem itself
@@ -416,22 +418,47 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def scan(self, check_structure_only: bool) -> list[tuple[int, str]]:
         """(position, message) for every sample that fails: its structure and image files, or a full encode."""
-        problems = []
-        for position in range(len(self.index)):
-            try:
-                sample = self.sample(position)
-                if check_structure_only:
-                    for ref in sample.images:
-                        if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
-                            raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
-                else:
-                    self.processor.encode_sample(sample, self.image_dir)
-            except DataError as error:
-                problems.append((position, str(error)))
-        return problems
+        return [(r["position"], r["error"]) for r in self.check_all(check_structure_only) if r["error"]]
+
+    def check_all(self, check_structure_only: bool) -> list[dict]:
+        """check() of every sample, run by `scan_workers` dataloader workers: a full check decodes every image."""
+        loader = torch.utils.data.DataLoader(_Checks(self, check_structure_only), batch_size=64,
+                                             num_workers=0 if check_structure_only else self.scan_workers,
+                                             collate_fn=list)
+        return [result for batch in loader for result in batch]
+
+    def check(self, position: int, check_structure_only: bool) -> dict:
+        """What checking one sample finds: its error, or its token, reply and image counts."""
+        result = {"position": position, "error": None}
+        try:
+            sample = self.sample(position)
+            if check_structure_only:
+                for ref in sample.images:
+                    if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
+                        raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
+                return result
+            encoded = self.processor.encode_sample(sample, self.image_dir)
+        except DataError as error:
+            return {**result, "error": str(error)}
+        return {**result, "tokens": len(encoded["input_ids"]), "images": len(sample.images),
+                "supervised": int((encoded["labels"] != IGNORE_INDEX).sum()),
+                "replies": sum(m["role"] == "assistant" for m in sample.messages)}
 
     def _image_path(self, ref: str) -> str:
         return ref if os.path.isabs(ref) or self.image_dir is None else os.path.join(self.image_dir, ref)
+
+
+class _Checks(torch.utils.data.Dataset):
+    """Position -> what checking that sample found, so that dataloader workers can check in parallel."""
+
+    def __init__(self, dataset: ConversationDataset, check_structure_only: bool):
+        self.dataset, self.check_structure_only = dataset, check_structure_only
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> dict:
+        return self.dataset.check(position, self.check_structure_only)
 
 
 def _problem_report(problems: list[tuple[int, str]], total: int, shown: int = 10) -> str:
@@ -459,22 +486,14 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
 # ==================================================================== --check_data
 def check_data(dataset: ConversationDataset) -> dict:
     """Encode every sample (images decoded, tokens counted) and summarise; the caller prints it."""
-    problems, lengths, supervised, images, turns = [], [], [], 0, Counter()
-    for position in range(len(dataset)):
-        try:
-            sample = dataset.sample(position)
-            encoded = dataset.processor.encode_sample(sample, dataset.image_dir)
-        except DataError as error:
-            problems.append((position, str(error)))
-            continue
-        lengths.append(len(encoded["input_ids"]))
-        supervised.append(int((encoded["labels"] != IGNORE_INDEX).sum()))
-        images += len(sample.images)
-        turns[sum(m["role"] == "assistant" for m in sample.messages)] += 1
+    results = dataset.check_all(check_structure_only=False)
+    good = [r for r in results if not r["error"]]
+    lengths = [r["tokens"] for r in good]
     return {
-        "samples": len(dataset), "ok": len(lengths), "bad": len(problems), "images": images,
-        "replies_per_sample": dict(sorted(turns.items())),
+        "samples": len(dataset), "ok": len(good), "bad": len(results) - len(good),
+        "images": sum(r["images"] for r in good),
+        "replies_per_sample": dict(sorted(Counter(r["replies"] for r in good).items())),
         "tokens_mean": round(sum(lengths) / max(len(lengths), 1), 1), "tokens_max": max(lengths, default=0),
-        "supervised_tokens_mean": round(sum(supervised) / max(len(supervised), 1), 1),
-        "problems": [message for _, message in problems],
+        "supervised_tokens_mean": round(sum(r["supervised"] for r in good) / max(len(good), 1), 1),
+        "problems": [r["error"] for r in results if r["error"]],
     }

@@ -89,7 +89,7 @@ def build_preference_dataset(args, processor, validate: bool = True):
             return item
 
     return PreferenceDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate,
-                             parse=parse_preference_record)
+                             parse=parse_preference_record, scan_workers=args.num_workers)
 
 
 class DPOObjective:

@@ -505,7 +505,8 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
 
 # ==================================================================== a whole stage
 def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = True) -> ConversationDataset:
-    return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate)
+    return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate,
+                               scan_workers=args.num_workers)
 
 
 def run_stage(args, build_dataset=build_conversation_dataset, objective=None, collate=collate) -> VLM | None:

@@ -206,13 +206,14 @@ def test_malformed_json_names_the_line(tmp_path, processor, name, text, where):
         ConversationDataset([str(tmp_path / name)], processor)
 
 
-def test_skip_bad_samples_drops_and_counts(tmp_path, processor):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_bad_samples_drops_and_counts(tmp_path, processor, workers):
     draw_image(str(tmp_path / "0.png"), 0)
     (tmp_path / "broken.png").write_bytes(b"not an image")
     records = [good_record(0), good_record(1, image="broken.png"), good_record(2, image="missing.png"),
                good_record(3)]
     dataset = ConversationDataset([write_records(tmp_path, records)], processor, str(tmp_path),
-                                  skip_bad_samples=True)
+                                  skip_bad_samples=True, scan_workers=workers)
     assert len(dataset) == 2 and len(dataset.skipped) == 2
     assert [dataset.sample(i).where.split("id=")[1] for i in range(2)] == ["r0)", "r3)"]
 
