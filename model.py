@@ -260,12 +260,12 @@ class VLM(PreTrainedModel, GenerationMixin):
         blocks, whatever a given LLM names them; never the embeddings, the LM head or the projector."""
         from transformers.pytorch_utils import Conv1D
 
-        roots = {"llm": ("language_model", self.language_model.base_model), "vision": ("vision_model", self.vision_model)}
+        roots = {"llm": self.language_model.base_model, "vision": self.vision_model}
         names = []
         for tower in towers:
             if tower not in roots:
                 raise ValueError(f"unknown LoRA tower {tower!r}: use 'llm' or 'vision'")
-            prefix, root = roots[tower]
+            root = roots[tower]
             root_name = next(n for n, m in self.named_modules() if m is root)
             names += [f"{root_name}.{n}" for n, m in root.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
         if not names:
