@@ -330,10 +330,10 @@ class VLMProcessor:
             return None
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
-    def encode_sample(self, sample: Sample, image_dir: str | None) -> dict:
+    def encode_sample(self, sample: Sample, image_dir: str | None, decode_images: bool = True) -> dict:
         """input_ids, labels, pixel_values; for a preference sample also rejected_input_ids / rejected_labels,
-        each supervising only its final reply."""
-        images = [open_image(ref, image_dir, sample.where) for ref in sample.images]
+        each supervising only its final reply. Without decode_images, pixel_values is None (cached features)."""
+        images = [open_image(ref, image_dir, sample.where) for ref in sample.images] if decode_images else []
         pair = sample.rejected is not None
         encoded = self.encode_chat(sample.messages, sample.where, last_reply_only=pair)
         if pair:
@@ -413,8 +413,14 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    feature_cache = None  # set by training.attach_feature_cache: stage-1 tower outputs, one row per image
+
     def __getitem__(self, position: int) -> dict:
-        return self.processor.encode_sample(self.sample(position), self.image_dir)
+        if self.feature_cache is None:
+            return self.processor.encode_sample(self.sample(position), self.image_dir)
+        item = self.processor.encode_sample(self.sample(position), self.image_dir, decode_images=False)
+        item["vision_features"] = self.feature_cache.features(position)
+        return item
 
     def scan(self, check_structure_only: bool) -> list[tuple[int, str]]:
         """(position, message) for every sample that fails: its structure and image files, or a full encode."""
@@ -478,9 +484,12 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
-    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "pixel_values": torch.cat(images) if images else None}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for key in ("pixel_values", "vision_features"):
+        images = [s[key] for s in samples if s.get(key) is not None]
+        if images or key == "pixel_values":
+            batch[key] = torch.cat(images) if images else None
+    return batch
 
 
 # ==================================================================== --check_data

@@ -164,8 +164,16 @@ class VLM(PreTrainedModel, GenerationMixin):
             nn.init.zeros_(module.bias)
 
     # ---------------------------------------------------------------- image features
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(num_images, 3, H, W) -> (num_images, num_image_tokens, llm_hidden)."""
+    def encode_images(self, pixel_values: torch.Tensor | None = None,
+                      vision_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_images, 3, H, W) -> (num_images, num_image_tokens, llm_hidden). Stage 1 may pass the tower's output
+        instead (`vision_features`, cached once with the tower frozen)."""
+        if vision_features is None:
+            vision_features = self.vision_features(pixel_values)
+        return self.projector(vision_features.to(self.projector.fc1.weight.dtype))
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's patch features, downsampled on their grid: (num_images, num_image_tokens, vision_hidden)."""
         layer = self.config.vision_feature_layer
         vision_trains = any(p.requires_grad for p in self.vision_model.parameters())
         # A frozen tower needs no activations kept for backward: the biggest saving of stage 1.
@@ -179,24 +187,23 @@ class VLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"the vision tower returned {features.shape[1]} tokens, fewer than its "
                              f"{grid}x{grid} patch grid")
         # CLIP and DINOv2 put a class token (and DINOv2-reg its registers) before the patches; SigLIP has none.
-        features = downsample_grid(features[:, num_prefix:], grid, self.config.image_grid)
-        return self.projector(features.to(self.projector.fc1.weight.dtype))
+        return downsample_grid(features[:, num_prefix:], grid, self.config.image_grid)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_index: torch.Tensor | None = None) -> torch.Tensor:
+              image_index: torch.Tensor | None = None, vision_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features written over the image placeholder tokens. `image_index` lets
         several rows reuse one encoding: slot i of the batch gets image image_index[i] (DPO's chosen and rejected
         answers share their image)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
         num_slots = int(image_mask.sum())
-        if pixel_values is None:
+        if pixel_values is None and vision_features is None:
             if num_slots:
                 raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
             if self._needs_vision_pass():
                 embeds = embeds + 0.0 * self.encode_images(self._blank_image(embeds)).sum()
             return embeds
-        features = self.encode_images(pixel_values)
+        features = self.encode_images(pixel_values, vision_features)
         if image_index is not None:
             features = features[image_index]
         if num_slots != features.shape[0] * features.shape[1]:
@@ -224,9 +231,9 @@ class VLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.Tensor | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, image_index: torch.Tensor | None = None,
-                **kwargs) -> VLMOutput:
+                vision_features: torch.Tensor | None = None, **kwargs) -> VLMOutput:
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_index)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_index, vision_features)
         outputs = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                                  position_ids=position_ids, past_key_values=past_key_values,
                                                  use_cache=use_cache, **kwargs)

@@ -7,6 +7,7 @@ autocast, gradient accumulation normalised over the whole optimizer step, clippi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -81,6 +83,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast_for(args, runtime: Runtime) -> torch.autocast:
+    amp_dtype = resolve_dtype(args.dtype, runtime.device)
+    return torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
 
 def seed_everything(seed: int) -> None:
@@ -401,7 +408,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = resolve_dtype(args.dtype, runtime.device)
-    autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    autocast = autocast_for(args, runtime)
     sampler = ResumableSampler(dataset, runtime, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          collate_fn=collate_fn, num_workers=args.num_workers,
@@ -503,6 +510,77 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
         logger.close()
 
 
+# ==================================================================== stage-1 cached vision features
+class FeatureCache:
+    """The frozen tower's downsampled features of every image, fp16 in one .npy file read through a memory map;
+    rows offsets[i]:offsets[i + 1] belong to dataset position i. Workers open their own map."""
+
+    def __init__(self, path: str, offsets: list[int]):
+        self.path, self.offsets, self._array = path, offsets, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}
+
+    def features(self, position: int) -> torch.Tensor:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        rows = self._array[self.offsets[position]:self.offsets[position + 1]]
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32))
+
+
+def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, args, autocast) -> None:
+    """Encode every image once with the frozen tower (main process; the others wait) unless a cache of the same
+    tower and data is already there, then let the dataset serve features instead of decoding images."""
+    if any(p.requires_grad for p in model.vision_model.parameters()):
+        raise ValueError("--cache_vision_features needs a frozen vision tower: its features must not change")
+    offsets = [0]
+    for position in range(len(dataset)):
+        offsets.append(offsets[-1] + len(dataset.sample(position).images))
+    path, meta_path = os.path.join(cache_dir, "features.npy"), os.path.join(cache_dir, "meta.json")
+    fingerprint = cache_fingerprint(model, dataset)
+    fresh = os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint
+    if runtime.is_main and not fresh:
+        write_feature_cache(model, dataset, path, offsets, runtime, args, autocast)
+        with open(meta_path + ".tmp", "w") as f:
+            json.dump({"fingerprint": fingerprint, "images": offsets[-1]}, f)
+        os.replace(meta_path + ".tmp", meta_path)
+    elif runtime.is_main:
+        print(f"using the cached vision features in {cache_dir}")
+    barrier(runtime)
+    dataset.feature_cache = FeatureCache(path, offsets)
+
+
+def cache_fingerprint(model: VLM, dataset) -> str:
+    """What the cached features depend on: the tower's weights, the geometry, the data files and their order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.vision_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest.update(json.dumps([model.config.num_image_tokens, model.config.vision_feature_layer, len(dataset),
+                              dataset.image_dir, [(p, os.path.getsize(p) if os.path.isfile(p) else 0)
+                                                  for p, _ in dataset.tables]]).encode())
+    return digest.hexdigest()
+
+
+def write_feature_cache(model: VLM, dataset, path: str, offsets: list[int], runtime: Runtime, args, autocast):
+    shape = (offsets[-1], model.config.num_image_tokens, model.config.vision_config.hidden_size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    array = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16, shape=shape)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=partial(collate, pad_token_id=0))
+    model.to(runtime.device).eval()
+    row = 0
+    with torch.no_grad(), autocast:
+        for batch in tqdm(loader, desc="caching vision features"):
+            if batch["pixel_values"] is not None:
+                features = model.vision_features(batch["pixel_values"].to(runtime.device))
+                array[row:row + len(features)] = features.float().cpu().numpy().astype(np.float16)
+                row += len(features)
+    array.flush()
+    del array
+    os.replace(path + ".tmp.npy", path)
+
+
 # ==================================================================== a whole stage
 def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = True) -> ConversationDataset:
     return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate,
@@ -523,6 +601,8 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
     if args.check_data:
         return report_data_check(build_dataset(args, processor, validate=False))
     dataset = build_dataset(args, processor)
+    if args.cache_vision_features:
+        attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args, autocast_for(args, runtime))
     if runtime.is_main:
         describe_run(model, dataset, runtime, args)
     train(args, runtime, model, dataset, objective or LanguageModelingObjective(),

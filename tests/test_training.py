@@ -324,3 +324,23 @@ def test_fsdp2_with_gloo_equals_ddp_and_its_checkpoints_resume_and_load(tmp_path
     model = VLM.from_pretrained(str(tmp_path / "fsdp"))
     image = os.path.join(data[1], sorted(os.listdir(data[1]))[0])
     assert model.tokenizer is not None and isinstance(model.chat(image, "Hi?", max_new_tokens=2), str)
+
+
+def test_cached_vision_features_give_the_same_losses_and_are_reused(tmp_path, data, toy_tokenizer, capsys):
+    start = tmp_path / "start"
+    tiny_vlm(toy_tokenizer).save_pretrained(start)
+    cache = tmp_path / "cache"
+    steps = ["--model_path", str(start), "--max_steps", "4", "--save_steps", "0", "--batch_size", "4"]
+    pretrain_train.main(common_args(data, tmp_path / "online", *steps))
+    pretrain_train.main(common_args(data, tmp_path / "cached", *steps, "--cache_vision_features", str(cache)))
+    online, cached = read_log(tmp_path / "online"), read_log(tmp_path / "cached")
+    for step in range(1, 5):  # fp16 storage: equal within its precision
+        assert cached[step]["loss"] == pytest.approx(online[step]["loss"], rel=2e-3), step
+    assert (cache / "features.npy").exists() and json.load(open(cache / "meta.json"))["images"] == 15
+    capsys.readouterr()
+    pretrain_train.main(common_args(data, tmp_path / "again", *steps, "--cache_vision_features", str(cache)))
+    assert "using the cached vision features" in capsys.readouterr().out
+    assert read_log(tmp_path / "again")[4]["loss"] == cached[4]["loss"]
+    with pytest.raises(ValueError, match="needs a frozen vision tower"):
+        pretrain_train.main(common_args(data, tmp_path / "bad", *steps, "--train_vision",
+                                        "--cache_vision_features", str(cache)))
