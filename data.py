@@ -475,8 +475,11 @@ def _problem_report(problems: list[tuple[int, str]], total: int, shown: int = 10
     return "\n".join(lines)
 
 
-def collate(samples: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a list of encoded samples; labels are -100 on padding, pixel_values of all images stacked."""
+def collate(samples: list[dict], pad_token_id: int, pack_length: int | None = None) -> dict:
+    """Right-pad a list of encoded samples; labels are -100 on padding, pixel_values of all images stacked.
+    With pack_length, consecutive samples share rows of up to that many tokens instead (see pack)."""
+    if pack_length:
+        return pack(samples, pad_token_id, pack_length)
     width = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -490,6 +493,36 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         if images or key == "pixel_values":
             batch[key] = torch.cat(images) if images else None
     return batch
+
+
+def pack(samples: list[dict], pad_token_id: int, pack_length: int) -> dict:
+    """Place consecutive samples side by side in rows of at most pack_length tokens, in order. position_ids restart
+    at 0 for every sample, which is how the LM tells them apart: it builds a block-diagonal causal mask from them, so
+    no token attends across samples. attention_mask marks real tokens (for counting), padding trails each row."""
+    rows, row = [], []
+    for sample in samples:
+        if row and sum(len(s["input_ids"]) for s in row) + len(sample["input_ids"]) > pack_length:
+            rows.append(row)
+            row = []
+        row.append(sample)
+    rows.append(row)
+    width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for sample in row:
+            n = len(sample["input_ids"])
+            input_ids[r, start:start + n], labels[r, start:start + n] = sample["input_ids"], sample["labels"]
+            labels[r, start] = IGNORE_INDEX  # the previous sample's last token must not learn to predict this one
+            attention_mask[r, start:start + n] = 1
+            position_ids[r, start:start + n] = torch.arange(n)
+            start += n
+    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
+            "pixel_values": torch.cat(images) if images else None}
 
 
 # ==================================================================== --check_data

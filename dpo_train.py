@@ -198,6 +198,8 @@ def parse_args(argv=None):
         args.train_projector = not args.lora
     if args.model_path is None and args.preset is None:
         parser.error("DPO starts from a trained model: give --model_path (an SFT checkpoint)")
+    if args.packing:
+        parser.error("--packing is for pretrain and SFT; DPO batches pair rows that share an image")
     return args
 
 

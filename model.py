@@ -234,6 +234,12 @@ class VLM(PreTrainedModel, GenerationMixin):
                 vision_features: torch.Tensor | None = None, **kwargs) -> VLMOutput:
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_index, vision_features)
+        if labels is not None:
+            use_cache = False  # training keeps no KV cache (the LM would build one by default)
+            if position_ids is not None:
+                # A packed batch: position ids restart per sample and the LM builds its block-diagonal causal mask
+                # from them, which it only does without a 2-D attention mask and without a cache.
+                attention_mask = None
         outputs = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                                  position_ids=position_ids, past_key_values=past_key_values,
                                                  use_cache=use_cache, **kwargs)

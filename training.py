@@ -605,8 +605,9 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
         attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args, autocast_for(args, runtime))
     if runtime.is_main:
         describe_run(model, dataset, runtime, args)
+    packing = {"pack_length": args.max_length} if args.packing else {}
     train(args, runtime, model, dataset, objective or LanguageModelingObjective(),
-          partial(collate, pad_token_id=processor.pad_token_id))
+          partial(collate, pad_token_id=processor.pad_token_id, **packing))
     save_final_model(model, args.output_dir, runtime)
     if runtime.is_main:
         print(f"saved the final model to {args.output_dir}")

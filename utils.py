@@ -41,6 +41,9 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="drop and count unusable samples instead of stopping at the first")
     data.add_argument("--num_workers", type=int, default=2, help="dataloader worker processes per rank")
+    data.add_argument("--packing", action="store_true",
+                      help="pack each batch's samples into rows of up to --max_length tokens (no padding between "
+                           "them, no attention across them); pretrain and SFT")
     data.add_argument("--cache_vision_features", default=None, metavar="DIR",
                       help="frozen tower only: encode every image once (fp16 on disk, memory-mapped) and train "
                            "from the cache in every epoch; reused while the tower and data are unchanged")

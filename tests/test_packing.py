@@ -1,0 +1,62 @@
+"""Packing: samples side by side in one row give exactly what they give alone, and never see each other."""
+
+import pytest
+import torch
+from conftest import tiny_vlm, write_llava_json
+
+import sft_train
+from data import ConversationDataset, VLMProcessor, collate
+from test_training import common_args, read_log
+
+
+@pytest.fixture
+def setup(tmp_path, toy_tokenizer):
+    model = tiny_vlm(toy_tokenizer).train()
+    path, image_dir = write_llava_json(str(tmp_path), 6, text_only={2})
+    dataset = ConversationDataset([path], VLMProcessor.from_model(model), image_dir)
+    return model, [dataset[i] for i in range(6)], toy_tokenizer.pad_token_id
+
+
+def supervised_logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_packed_rows_give_the_unpacked_logits_and_loss(setup):
+    model, samples, pad = setup
+    padded = collate(samples, pad)
+    packed = collate(samples, pad, pack_length=10_000)
+    assert packed["input_ids"].shape[0] == 1 and padded["input_ids"].shape[0] == 6
+    assert int(packed["attention_mask"].sum()) == int(padded["attention_mask"].sum())
+    with torch.no_grad():
+        a, b = model(**padded), model(**packed)
+    assert a.num_tokens == b.num_tokens
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.loss_sum, b.loss_sum, rtol=1e-6)
+    rows = collate(samples, pad, pack_length=2 * max(len(s["input_ids"]) for s in samples))
+    assert 1 < rows["input_ids"].shape[0] < 6
+    assert torch.allclose(supervised_logits(model, rows), a.logits, atol=1e-5)
+
+
+def test_changing_one_packed_sample_changes_no_other(setup):
+    model, samples, pad = setup
+    packed = collate(samples, pad, pack_length=10_000)
+    changed = [dict(s) for s in samples]
+    changed[3]["input_ids"] = changed[3]["input_ids"].clone()
+    changed[3]["input_ids"][-5] = (changed[3]["input_ids"][-5] + 1) % 200  # a token near the end of sample 3
+    before, after = supervised_logits(model, packed), supervised_logits(model, collate(changed, pad, 10_000))
+    counts = [int((s["labels"][1:] != -100).sum()) for s in samples]
+    bounds = torch.tensor([0] + counts).cumsum(0).tolist()
+    for i in range(6):
+        same = torch.equal(before[bounds[i]:bounds[i + 1]], after[bounds[i]:bounds[i + 1]])
+        assert same == (i != 3), i
+
+
+def test_training_with_packing_matches_padded_batches(tmp_path, setup):
+    path, image_dir = write_llava_json(str(tmp_path / "data"), 16, text_only={5})
+    steps = ["--preset", "tiny", "--max_steps", "3", "--batch_size", "4", "--save_steps", "0"]
+    sft_train.main(common_args((path, image_dir), tmp_path / "padded", *steps))
+    sft_train.main(common_args((path, image_dir), tmp_path / "packed", *steps, "--packing"))
+    padded, packed = read_log(tmp_path / "padded"), read_log(tmp_path / "packed")
+    for step in (1, 2, 3):
+        assert packed[step]["loss"] == pytest.approx(padded[step]["loss"], rel=1e-5)
+        assert packed[step]["grad_norm"] == pytest.approx(padded[step]["grad_norm"], rel=1e-4)
