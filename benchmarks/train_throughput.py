@@ -39,7 +39,7 @@ def run_ours(args, data: str) -> dict:
                     os.path.join(data, "sft.json"), "--image_dir", os.path.join(data, "images"), "--output_dir", out,
                     "--max_steps", str(args.steps), "--batch_size", str(args.batch_size), "--num_workers", "1",
                     "--logging_steps", "1", "--save_steps", "0", "--dtype", args.dtype, "--device", args.device,
-                    "--train_vision", "--max_length", "1024"])
+                    "--train_vision", "--max_length", "1024"] + (["--packing"] if args.packing else []))
     with open(os.path.join(out, "log.jsonl")) as f:
         records = [json.loads(line) for line in f][args.warmup:]
     seconds = [args.batch_size / r["samples_per_s"] for r in records]
@@ -96,6 +96,7 @@ def main():
     parser.add_argument("--samples", type=int, default=256, help="generated conversations")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--packing", action="store_true", help="our side packs each batch into shared rows")
     parser.add_argument("--engine", choices=["ours", "llava"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,10 +111,12 @@ def main():
         rows = {}
         for engine in ("ours", "llava"):
             command = [sys.executable, __file__, "--engine", engine, "--data", data] + [
-                f"--{k}={v}" for k, v in vars(args).items() if k not in ("engine", "data")]
+                f"--{k}={v}" for k, v in vars(args).items() if k not in ("engine", "data", "packing")]
+            command += ["--packing"] if args.packing else []
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             rows[engine] = json.loads(output.strip().splitlines()[-1].removeprefix("RESULT "))
-    print(f"\nSFT, preset {args.preset}, batch {args.batch_size}, {args.dtype} on {args.device} "
+    print(f"\nSFT, preset {args.preset}, batch {args.batch_size}{', ours packed' if args.packing else ''}, "
+          f"{args.dtype} on {args.device} "
           f"({os.cpu_count()} CPU cores); averages over steps {args.warmup + 1}-{args.steps}")
     print("| engine | samples/s | supervised tokens/s | step s | peak RSS GiB |")
     print("| --- | --- | --- | --- | --- |")
