@@ -180,7 +180,10 @@ def parse_preference_record(record: dict, where: str) -> Sample:
         raise DataError(f"{named}: 'chosen' and 'rejected' are identical; the pair teaches nothing")
     context = record.get("conversations", record.get("messages"))
     if isinstance(context, str):
-        context = json.loads(context)
+        try:
+            context = json.loads(context)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{named}: 'conversations' is a string but not JSON: {error.msg}") from None
     if context is None:
         question = record.get("question")
         if not isinstance(question, str) or not question.strip():
@@ -487,7 +490,13 @@ def collate(samples: list[dict], pad_token_id: int, pack_length: int | None = No
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **stack_images(samples)}
+
+
+def stack_images(samples: list[dict]) -> dict:
+    """All images of the batch in sample order, as the image placeholders appear: pixel_values (None when there
+    are none) and, from a feature cache, vision_features."""
+    batch = {}
     for key in ("pixel_values", "vision_features"):
         images = [s[key] for s in samples if s.get(key) is not None]
         if images or key == "pixel_values":
@@ -499,12 +508,13 @@ def pack(samples: list[dict], pad_token_id: int, pack_length: int) -> dict:
     """Place consecutive samples side by side in rows of at most pack_length tokens, in order. position_ids restart
     at 0 for every sample, which is how the LM tells them apart: it builds a block-diagonal causal mask from them, so
     no token attends across samples. attention_mask marks real tokens (for counting), padding trails each row."""
-    rows, row = [], []
+    rows, row, used = [], [], 0
     for sample in samples:
-        if row and sum(len(s["input_ids"]) for s in row) + len(sample["input_ids"]) > pack_length:
+        if row and used + len(sample["input_ids"]) > pack_length:
             rows.append(row)
-            row = []
+            row, used = [], 0
         row.append(sample)
+        used += len(sample["input_ids"])
     rows.append(row)
     width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -520,9 +530,8 @@ def pack(samples: list[dict], pad_token_id: int, pack_length: int) -> dict:
             attention_mask[r, start:start + n] = 1
             position_ids[r, start:start + n] = torch.arange(n)
             start += n
-    images = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
-            "pixel_values": torch.cat(images) if images else None}
+            **stack_images(samples)}
 
 
 # ==================================================================== --check_data

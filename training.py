@@ -537,15 +537,15 @@ def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, 
     for position in range(len(dataset)):
         offsets.append(offsets[-1] + len(dataset.sample(position).images))
     path, meta_path = os.path.join(cache_dir, "features.npy"), os.path.join(cache_dir, "meta.json")
-    fingerprint = cache_fingerprint(model, dataset)
-    fresh = os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint
-    if runtime.is_main and not fresh:
-        write_feature_cache(model, dataset, path, offsets, runtime, args, autocast)
-        with open(meta_path + ".tmp", "w") as f:
-            json.dump({"fingerprint": fingerprint, "images": offsets[-1]}, f)
-        os.replace(meta_path + ".tmp", meta_path)
-    elif runtime.is_main:
-        print(f"using the cached vision features in {cache_dir}")
+    if runtime.is_main:  # only the writer needs the fingerprint: hashing the tower is not free
+        fingerprint = cache_fingerprint(model, dataset)
+        if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint:
+            print(f"using the cached vision features in {cache_dir}")
+        else:
+            write_feature_cache(model, dataset, path, offsets, runtime, args, autocast)
+            with open(meta_path + ".tmp", "w") as f:
+                json.dump({"fingerprint": fingerprint, "images": offsets[-1]}, f)
+            os.replace(meta_path + ".tmp", meta_path)
     barrier(runtime)
     dataset.feature_cache = FeatureCache(path, offsets)
 
@@ -574,7 +574,7 @@ def write_feature_cache(model: VLM, dataset, path: str, offsets: list[int], runt
         for batch in tqdm(loader, desc="caching vision features"):
             if batch["pixel_values"] is not None:
                 features = model.vision_features(batch["pixel_values"].to(runtime.device))
-                array[row:row + len(features)] = features.float().cpu().numpy().astype(np.float16)
+                array[row:row + len(features)] = features.to(torch.float16).cpu().numpy()
                 row += len(features)
     array.flush()
     del array

@@ -60,3 +60,15 @@ def test_training_with_packing_matches_padded_batches(tmp_path, setup):
     for step in (1, 2, 3):
         assert packed[step]["loss"] == pytest.approx(padded[step]["loss"], rel=1e-5)
         assert packed[step]["grad_norm"] == pytest.approx(padded[step]["grad_norm"], rel=1e-4)
+
+
+def test_packing_carries_cached_vision_features(setup):
+    model, samples, pad = setup
+    cached = []
+    for s in samples:
+        features = model.vision_features(s["pixel_values"]) if s["pixel_values"] is not None else None
+        cached.append({**s, "pixel_values": None, "vision_features": features})
+    packed = collate(cached, pad, pack_length=10_000)
+    assert packed["pixel_values"] is None and packed["vision_features"].shape[0] == 5
+    assert torch.allclose(supervised_logits(model, packed), supervised_logits(model, collate(samples, pad)),
+                          atol=1e-5)
