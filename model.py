@@ -123,7 +123,7 @@ class VLMOutput(ModelOutput):
     loss_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
 
 
 class VLM(PreTrainedModel, GenerationMixin):
@@ -135,7 +135,7 @@ class VLM(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
 
     def __init__(self, config: VLMConfig, vision_model: nn.Module | None = None,
                  language_model: nn.Module | None = None):
@@ -228,7 +228,7 @@ class VLM(PreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None,
+                position_ids: torch.Tensor | None = None, cache=None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, image_index: torch.Tensor | None = None,
                 vision_features: torch.Tensor | None = None, **kwargs) -> VLMOutput:
@@ -241,13 +241,13 @@ class VLM(PreTrainedModel, GenerationMixin):
                 # from them, which it only does without a 2-D attention mask and without a cache.
                 attention_mask = None
         outputs = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                 position_ids=position_ids, past_key_values=past_key_values,
+                                                 position_ids=position_ids, cache=cache,
                                                  use_cache=use_cache, **kwargs)
         hidden = outputs.last_hidden_state
         head = self.language_model.get_output_embeddings()
         if labels is None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            return VLMOutput(logits=head(hidden[:, keep]), past_key_values=outputs.past_key_values)
+            return VLMOutput(logits=head(hidden[:, keep]), cache=outputs.cache)
         # The LM head runs only where a label is supervised: most positions of a pretrain sample are image tokens,
         # and Qwen's 151,936-word head is about a quarter of the LLM's FLOPs.
         targets = labels[:, 1:]
@@ -256,7 +256,7 @@ class VLM(PreTrainedModel, GenerationMixin):
         loss_sum = F.cross_entropy(logits, targets[supervised], reduction="sum")
         num_tokens = supervised.sum()
         return VLMOutput(loss=loss_sum / num_tokens.clamp(min=1), loss_sum=loss_sum, num_tokens=num_tokens,
-                         logits=logits, past_key_values=outputs.past_key_values)
+                         logits=logits, cache=outputs.cache)
 
     # ---------------------------------------------------------------- LoRA
     def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, towers=("llm",)) -> VLM:
@@ -412,11 +412,11 @@ class ChatSession:
             surplus = self._cache.get_seq_length() - reused
             if surplus:
                 self._cache.crop(-surplus)
-            kwargs = {"past_key_values": self._cache}
+            kwargs = {"cache": self._cache}
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 return_dict_in_generate=True,
                                 **_generation_defaults(processor, generation_kwargs), **kwargs)
-        self._ids, self._cache = output.sequences, output.past_key_values
+        self._ids, self._cache = output.sequences, output.cache
         answer = processor.tokenizer.decode(output.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
         self.history.append((question, answer.strip()))
         return answer.strip()
