@@ -196,9 +196,9 @@ class VLM(PreTrainedModel, GenerationMixin):
         answers share their image)."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         image_mask = input_ids == self.config.image_token_id
-        num_slots = int(image_mask.sum())
         if pixel_values is None and vision_features is None:
-            if num_slots:
+            # Reading the count back to Python would split a compiled decoding step in two; eager calls check it.
+            if not torch.compiler.is_compiling() and (num_slots := int(image_mask.sum())):
                 raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
             if self._needs_vision_pass():
                 embeds = embeds + 0.0 * self.encode_images(self._blank_image(embeds)).sum()
@@ -206,6 +206,7 @@ class VLM(PreTrainedModel, GenerationMixin):
         features = self.encode_images(pixel_values, vision_features)
         if image_index is not None:
             features = features[image_index]
+        num_slots = int(image_mask.sum())
         if num_slots != features.shape[0] * features.shape[1]:
             raise ValueError(f"input_ids hold {num_slots} image tokens but the {features.shape[0]} images give "
                              f"{features.shape[0] * features.shape[1]} features ({features.shape[1]} per image)")
