@@ -185,13 +185,26 @@ def shard_model(model: VLM) -> None:
     Frozen towers stay whole inside the root, so a rank that skips them (a text-only batch) skips no collective."""
     from torch.distributed.fsdp import fully_shard
 
-    block_types = set(model._no_split_modules or ())
     for key in MODULE_PREFIXES:
         module = module_of(model, key)
         if any(p.requires_grad for p in module.parameters()):
-            for block in [m for m in module.modules() if type(m).__name__ in block_types]:
+            for block in transformer_blocks(model, module):
                 fully_shard(block)
     fully_shard(model)
+
+
+def transformer_blocks(model: VLM, module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder / encoder layers inside `module`, by the class names the towers declare as unsplittable."""
+    block_types = set(model._no_split_modules or ())
+    return [m for m in module.modules() if type(m).__name__ in block_types]
+
+
+def compile_blocks(model: VLM) -> None:
+    """--compile: every transformer block is compiled in place, so parameter names, checkpoints, DDP and FSDP see
+    the same modules. The glue between blocks (image scatter, LM head on the supervised positions) changes shape
+    with every batch and stays eager; the blocks are compiled for dynamic sequence lengths for the same reason."""
+    for block in transformer_blocks(model, model):
+        block.compile(dynamic=True)
 
 
 def full_tensors(model: VLM) -> dict[str, torch.Tensor]:
@@ -221,14 +234,22 @@ class LanguageModelingObjective:
 
 # ==================================================================== data order that can resume mid-epoch
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through, so a resumed run sees the same batches."""
+    """DistributedSampler that can start an epoch part-way through, so a resumed run sees the same batches.
 
-    def __init__(self, dataset, runtime: Runtime, seed: int):
+    With `lengths`, each rank's shuffled order is cut into groups of `group_size` samples and each group sorted by
+    length, longest first: a batch then holds samples of similar length and pads little (LLaVA's and the HF
+    Trainer's group-by-length). Which samples meet in a group still changes every epoch."""
+
+    def __init__(self, dataset, runtime: Runtime, seed: int, lengths: list[int] | None = None, group_size: int = 0):
         super().__init__(dataset, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=seed)
-        self.start = 0
+        self.start, self.lengths, self.group_size = 0, lengths, group_size
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        order = list(super().__iter__())
+        if self.lengths is not None:
+            groups = [order[i:i + self.group_size] for i in range(0, len(order), self.group_size)]
+            order = [index for group in groups for index in sorted(group, key=lambda i: -self.lengths[i])]
+        return iter(order[self.start:])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -409,7 +430,12 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     amp_dtype = resolve_dtype(args.dtype, runtime.device)
     autocast = autocast_for(args, runtime)
-    sampler = ResumableSampler(dataset, runtime, args.seed)
+    grouping = {}
+    if args.group_by_length:
+        # 64 batches per group: batches of near-equal length, and a group still spans many kinds of sample.
+        grouping = {"lengths": [dataset.length_estimate(i) for i in range(len(dataset))],
+                    "group_size": 64 * args.batch_size}
+    sampler = ResumableSampler(dataset, runtime, args.seed, **grouping)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          collate_fn=collate_fn, num_workers=args.num_workers,
                                          pin_memory=runtime.device.type == "cuda",
@@ -421,6 +447,8 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
         objective.prepare(model, dataset, runtime, collate_fn, autocast)
     if args.fsdp and runtime.distributed:
         shard_model(model)
+    if args.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, args)
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)

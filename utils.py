@@ -44,6 +44,9 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     data.add_argument("--packing", action="store_true",
                       help="pack each batch's samples into rows of up to --max_length tokens (no padding between "
                            "them, no attention across them); pretrain and SFT")
+    data.add_argument("--group_by_length", action="store_true",
+                      help="batch samples of similar length together (less padding; order still shuffled per "
+                           "epoch in groups of 64 batches)")
     data.add_argument("--cache_vision_features", default=None, metavar="DIR",
                       help="frozen tower only: encode every image once (fp16 on disk, memory-mapped) and train "
                            "from the cache in every epoch; reused while the tower and data are unchanged")
@@ -68,6 +71,8 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     train.add_argument("--train_projector", action=on_off, default=True, help="train the projector")
     train.add_argument("--train_llm", action=on_off, default=True, help="train the language model")
     train.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block (the first steps are slower while it compiles)")
     train.add_argument("--fsdp", action="store_true",
                        help="under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of "
                             "replicating them with DDP (same results, less memory per GPU)")
