@@ -119,35 +119,32 @@ def ask(kind: str, scene: list[dict], rng: random.Random, zh: bool, yes_share: f
         side = "top" if obj["cell"] < 2 else "bottom"
         return ((f"{name(obj, True)}在上面还是下面？", ZH[side]) if zh else
                 (f"Is the {name(obj, False)} at the top or the bottom?", side))
-    present = rng.random() < yes_share
-    if present:
-        obj = rng.choice(scene)
-    else:  # a near miss: the colour or the shape of something that is there
-        taken = {(o["colour"], o["shape"]) for o in scene}
-        base = rng.choice(scene)
-        options = [(c, base["shape"]) for c in COLOURS] + [(base["colour"], s) for s in SHAPES]
-        colour, shape = rng.choice([k for k in options if k not in taken])
-        obj = {"colour": colour, "shape": shape}
+    return ask_existence(scene, rng, zh, rng.random() < yes_share)
+
+
+def ask_existence(scene: list[dict], rng: random.Random, zh: bool, present: bool) -> tuple[str, str]:
+    """POPE's question, "Is there a <category>?", about a shape or a colour: one the image has when `present`, else
+    one it lacks. With all three shapes in the scene no shape is missing, so the question turns to a colour."""
+    key, vocabulary = ("shape", SHAPES) if rng.random() < 0.5 else ("colour", tuple(COLOURS))
+    if not present and all(any(o["shape"] == s for o in scene) for s in SHAPES):
+        key, vocabulary = "colour", tuple(COLOURS)
+    seen = {o[key] for o in scene}
+    value = rng.choice(sorted(seen) if present else [v for v in vocabulary if v not in seen])
     answer = "Yes" if present else "No"
-    return ((f"图中有{name(obj, True)}吗？", ZH[answer]) if zh else (f"Is there a {name(obj, False)}?", answer))
+    if key == "shape":
+        return (f"图中有{ZH[value]}吗？", ZH[answer]) if zh else (f"Is there a {value}?", answer)
+    return (f"图中有{ZH[value]}的图形吗？", ZH[answer]) if zh else (f"Is there anything {value}?", answer)
 
 
 def preference_pairs(scene: list[dict], rng: random.Random, zh: bool) -> list[tuple[str, str, str]]:
-    """(question, chosen, rejected) pairs aimed at hallucination: the rejected answer claims an object, a colour, a
-    shape or a count that the image does not have."""
+    """(question, chosen, rejected) pairs aimed at hallucination: the rejected answer claims a shape, a colour or a
+    count that the image does not have, or denies one that it has."""
     pairs = []
-    for yes_share in (1.0, 0.0):  # one existence question about a present object, one about a near miss
-        question, answer = ask("existence", scene, rng, zh, yes_share)
-        other = {"Yes": "No", "No": "Yes", "是": "否", "否": "是"}[answer]
-        pairs.append((question, answer, other))
+    for present in (True, True, False, False):
+        question, answer = ask_existence(scene, rng, zh, present)
+        pairs.append((question, answer, {"Yes": "No", "No": "Yes", "是": "否", "否": "是"}[answer]))
     question, answer = ask("count", scene, rng, zh)
     pairs.append((question, answer, str(len(scene) + 1)))  # one object too many
-    for kind, key, vocabulary in (("colour", "colour", list(COLOURS)), ("shape", "shape", list(SHAPES))):
-        question, answer = ask(kind, scene, rng, zh)
-        absent = [v for v in vocabulary if all(o[key] != v for o in scene)]
-        if absent:
-            wrong = rng.choice(absent)
-            pairs.append((question, answer, ZH[wrong] if zh else wrong))
     return pairs
 
 
@@ -168,8 +165,14 @@ def every_phrase() -> list[str]:
 
 
 # ==================================================================== splits
+def sft_question_type(rng: random.Random, existence_share: float) -> str:
+    if rng.random() < existence_share:
+        return "existence"
+    return rng.choice([kind for kind in QUESTION_TYPES if kind != "existence"])
+
+
 def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_size: int,
-                sft_yes_share: float = 0.5) -> str:
+                sft_yes_share: float = 0.5, sft_existence_share: float = 0.2) -> str:
     rng = random.Random(seed)
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
@@ -185,7 +188,7 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
                 {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene, zh)}]})
         elif kind == "sft":
             # Several questions per image: each answer is a supervised token, the image is encoded once.
-            kinds = [rng.choice(QUESTION_TYPES) for _ in range(rng.randint(3, 6))]
+            kinds = [sft_question_type(rng, sft_existence_share) for _ in range(rng.randint(3, 6))]
             turns = []
             for t, question_type in enumerate(kinds):
                 question, answer = ask(question_type, scene, rng, zh, sft_yes_share)
@@ -233,6 +236,8 @@ def main(argv=None):
                                                                   "(five questions each)")
     parser.add_argument("--sft_yes_share", type=float, default=0.5,
                         help="share of SFT existence questions whose answer is yes (the eval split keeps 0.5)")
+    parser.add_argument("--sft_existence_share", type=float, default=0.2,
+                        help="share of SFT questions that are existence questions (0.2: as often as each other type)")
     parser.add_argument("--seed", type=int, default=0,
                         help="pretrain uses seed, sft seed + 1, eval seed + 2, dpo seed + 3")
     parser.add_argument("--image_size", type=int, default=64, help="pixels per side")
@@ -245,7 +250,8 @@ def main(argv=None):
     for kind in kinds:
         count = counts.get(kind, args.num_samples) if args.kind == "all" else args.num_samples
         seed = args.seed + offsets[kind] if args.kind == "all" else args.seed
-        path = write_split(kind, args.output_dir, count, seed, args.image_size, args.sft_yes_share)
+        path = write_split(kind, args.output_dir, count, seed, args.image_size, args.sft_yes_share,
+                           args.sft_existence_share)
         print(f"{kind}: {path} ({count} images)")
     if args.kind == "all":
         print(f"tokenizer: {write_tokenizer(args.output_dir, args.vocab_size)}")

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 import eval_vlm
-from eval_vlm import compute_metrics, normalise, read_questions, yes_no
+from eval_vlm import normalise, read_questions, yes_no
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import make_shapes  # noqa: E402
@@ -79,8 +79,10 @@ def test_generator_is_deterministic_and_answers_match_the_scene(tmp_path):
         scene = make_shapes.random_scene(rng)
         kinds = {(o["colour"], o["shape"]) for o in scene}
         assert 1 <= len(scene) <= 4 and len(kinds) == len(scene) and len({o["cell"] for o in scene}) == len(scene)
-        question, answer = make_shapes.ask("existence", scene, rng, zh=False)
-        colour, shape = question[len("Is there a "):-1].split()
-        assert answer == ("Yes" if (colour, shape) in kinds else "No")
+        for present in (True, False):
+            question, answer = make_shapes.ask_existence(scene, rng, zh=False, present=present)
+            value = question.removesuffix("?").split()[-1]
+            key = "shape" if value in make_shapes.SHAPES else "colour"
+            assert answer == ("Yes" if any(o[key] == value for o in scene) else "No") == ("Yes" if present else "No")
         question, answer = make_shapes.ask("count", scene, rng, zh=False)
         assert answer == str(len(scene))
