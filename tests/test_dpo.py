@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import draw_image, tiny_vlm
 
 import dpo_train

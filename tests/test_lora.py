@@ -2,7 +2,6 @@
 loads with VLM.from_pretrained, merging keeps the logits, DPO's adapter-free reference equals a frozen copy, and
 k-bit loading without a GPU stops with a clear message."""
 
-import json
 import os
 import shutil
 import subprocess
