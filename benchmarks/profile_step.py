@@ -25,22 +25,7 @@ def our_model(args, tokenizer):
     return model
 
 
-def llava_model(args, tokenizer):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from model import preset_configs
-
-    vision, text = preset_configs(args.preset, vocab_size=len(tokenizer))
-    grid = vision.image_size // vision.patch_size
-    model = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(),
-        image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"), image_seq_length=grid * grid,
-        vision_feature_select_strategy="full", vision_feature_layer=-1, projector_hidden_act="gelu"))
-    model.model.vision_tower.requires_grad_(False)
-    return model
-
-
-def batch_for(model, tokenizer, data: str, args, num_image_tokens: int):
+def batch_for(tokenizer, data: str, args, num_image_tokens: int):
     from data import ConversationDataset, VLMProcessor, collate
     from model import preset_image_processor, preset_configs
 
@@ -104,17 +89,17 @@ def main():
     import torch
     from transformers import AutoTokenizer
 
-    from train_throughput import make_data
+    from train_throughput import llava_baseline, make_data
 
     with tempfile.TemporaryDirectory() as workdir:
         data = make_data(workdir, args.batch_size)
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
         torch.manual_seed(0)
         ours = our_model(args, tokenizer)
-        ours_batch = batch_for(ours, tokenizer, data, args, ours.config.num_image_tokens)
-        llava = llava_model(args, tokenizer)
+        ours_batch = batch_for(tokenizer, data, args, ours.config.num_image_tokens)
+        llava = llava_baseline(args.preset, tokenizer, train_vision=False)
         grid = llava.config.vision_config.image_size // llava.config.vision_config.patch_size
-        llava_batch = batch_for(llava, tokenizer, data, args, grid * grid)
+        llava_batch = batch_for(tokenizer, data, args, grid * grid)
     profile("ours", ours, ours_batch, args)
     del ours
     profile("Llava plain loop", llava, llava_batch, args)

@@ -75,23 +75,35 @@ def run_ours(args, data: str, row: str) -> dict:
                        "tokens": r["tokens_per_s"] * args.batch_size / r["samples_per_s"]} for r in records]}
 
 
-def run_llava(args, data: str, row: str) -> dict:
-    import torch
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+def llava_baseline(preset: str, tokenizer, train_vision: bool):
+    """transformers' Llava with our preset's SigLIP-style and Qwen2-style configs, every patch an image token."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from data import ConversationDataset, VLMProcessor, collate
-    from model import preset_configs, preset_image_processor
+    from model import preset_configs
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
-    vision, text = preset_configs(args.preset, vocab_size=len(tokenizer))
+    vision, text = preset_configs(preset, vocab_size=len(tokenizer))
     grid = vision.image_size // vision.patch_size
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
                          image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
                          image_seq_length=grid * grid, vision_feature_select_strategy="full",
                          vision_feature_layer=-1, projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.requires_grad_(train_vision)  # the recipe freezes it, as ours does
+    return model
+
+
+def run_llava(args, data: str, row: str) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from data import ConversationDataset, VLMProcessor, collate
+    from model import preset_image_processor
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(args.device).train()
-    model.model.vision_tower.requires_grad_(args.train_vision)  # the recipe freezes it, as ours does
+    model = llava_baseline(args.preset, tokenizer, args.train_vision).to(args.device).train()
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
     processor = VLMProcessor(tokenizer, preset_image_processor(vision), num_image_tokens=grid * grid,
                              max_length=2048)
     dataset = ConversationDataset([os.path.join(data, "sft.json")], processor, os.path.join(data, "images"))
