@@ -5,7 +5,8 @@
 
 Rows, each in its own process (so peak memory is its own), on the same generated data and backbone sizes:
 - SFT, ours: sft_train.py itself (dataloader included), the recipe's trainable set (projector + LLM; --train_vision
-  adds the tower on both sides); once as it is and once with --group_by_length (batches of similar length);
+  adds the tower on both sides); as it is, with --group_by_length (batches of similar length), and with that and
+  --compile (compilation falls in the --warmup steps, which the averages leave out);
 - SFT, baseline: a plain loop over transformers' LlavaForConditionalGeneration with the same SigLIP-style and
   Qwen2-style configs and the same trainable set (logits at every position, no 2x downsample of the patch grid, the
   model's mean loss), fed pre-encoded batches;
@@ -34,7 +35,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 # Dense bf16 peak TFLOP/s by device-name fragment (no sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "A10G": 125.0,
                "3090": 71.0}
-ROWS = {"sft-ours": "SFT, ours", "sft-grouped": "SFT, ours, --group_by_length", "sft-llava": "SFT, Llava plain loop", "pretrain-online": "stage 1, online encoding",
+ROWS = {"sft-ours": "SFT, ours", "sft-grouped": "SFT, ours, --group_by_length",
+        "sft-compiled": "SFT, ours, --group_by_length --compile", "sft-llava": "SFT, Llava plain loop", "pretrain-online": "stage 1, online encoding",
         "pretrain-cached": "stage 1, cached features"}
 
 
@@ -65,7 +67,8 @@ def run_ours(args, data: str, row: str) -> dict:
             "--max_length", "1024"]
     if stage == "sft":
         argv += (["--train_vision"] if args.train_vision else []) + (["--packing"] if args.packing else [])
-        argv += ["--group_by_length"] if variant == "grouped" else []
+        argv += ["--group_by_length"] if variant in ("grouped", "compiled") else []
+        argv += ["--compile"] if variant == "compiled" else []
         sft_train.main(argv)
     else:
         pretrain_train.main(argv + (["--cache_vision_features", os.path.join(out, "cache")]
