@@ -235,7 +235,7 @@ def main():
     print("| --- | --- | --- | --- | --- | --- |")
     for row, r in rows.items():
         mfu = f"{r['mfu']:.1f}" if "mfu" in r else "-"
-        print(f"| {ROWS[row]} | {r['samples_s']:.1f} | {r['supervised_tok_s']:.0f} | {r['step_s']:.3f} | "
+        print(f"| {ROWS[row]} | {r['samples_s']:.3g} | {r['supervised_tok_s']:.3g} | {r['step_s']:.3f} | "
               f"{r['peak_gib']:.2f} | {mfu} |")
     if {"sft-ours", "sft-llava"} <= rows.keys():
         print(f"SFT, ours / baseline, supervised tokens/s: "
