@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage 2 of the real recipe on 4 GPUs: from checkpoints/pretrain, projector + LLM, LLaVA-Instruct-150K.
 # Global batch 128 = 4 GPUs x 8 x 4 accumulation; lr 2e-5 (projector the same); one epoch.
+# --group_by_length: batches of similar length (LLaVA-1.5 groups by length in this stage too).
 # For the Chinese data, add its file after the English one: --data_path a.json b.json (they are concatenated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,5 @@ torchrun --standalone --nproc_per_node "$NPROC" sft_train.py \
     --image_dir datasets/LLaVA-Instruct-150K/images \
     --output_dir checkpoints/sft \
     --num_epochs 1 --batch_size 8 --grad_accum 4 --lr 2e-5 --warmup_ratio 0.03 \
-    --max_length 2048 --num_workers 8 --gradient_checkpointing --save_steps 500 --skip_bad_samples --resume "$@"
+    --max_length 2048 --num_workers 8 --gradient_checkpointing --group_by_length --save_steps 500 --skip_bad_samples \
+    --resume "$@"

@@ -310,6 +310,35 @@ def test_help_works_without_loading_torch(script):
     assert " torch" not in result.stderr and "transformers" not in result.stderr
 
 
+@pytest.mark.parametrize("launcher", ["pretrain.sh", "sft.sh", "sft_lora.sh", "sft_fsdp.sh", "dpo.sh"])
+def test_launchers_pass_flags_their_stage_accepts(tmp_path, launcher, monkeypatch):
+    """Each torchrun launcher, run with a stand-in torchrun that records its command line: the stage script's own
+    parser accepts every flag (a typo in a launcher would otherwise surface on the GPU machine)."""
+    import dpo_train
+
+    record = tmp_path / "argv.json"
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", launcher), "--seed", "7"], env=env, check=True, timeout=60)
+    argv = json.load(open(record))
+    script = next(i for i, word in enumerate(argv) if word.endswith("_train.py"))
+    stage, flags = argv[script], argv[script + 1:]
+    assert argv[:script] == ["--standalone", "--nproc_per_node", "4"] and flags[-2:] == ["--seed", "7"]
+    if stage == "dpo_train.py":
+        args = dpo_train.parse_args(flags)
+    else:
+        captured = []
+        module = {"pretrain_train.py": pretrain_train, "sft_train.py": sft_train}[stage]
+        monkeypatch.setattr(module, "run_stage_from_args", captured.append)
+        module.main(flags)
+        args = captured[0]
+    assert args.seed == 7 and args.output_dir.startswith("checkpoints/")
+    assert args.lora == (launcher == "sft_lora.sh") and args.fsdp == (launcher == "sft_fsdp.sh")
+
+
 def test_fsdp2_with_gloo_equals_ddp_and_its_checkpoints_resume_and_load(tmp_path):
     """FSDP2 on 2 CPU processes: the same losses, gradient norms and final weights as DDP on the same global batch,
     exact resume from its gathered checkpoint, and a final folder that VLM.from_pretrained opens."""
