@@ -1,5 +1,5 @@
-"""Where an SFT step's time goes: phases (vision, LLM forward, backward, optimizer) and the top operators, for our
-model and for the Llava baseline of train_throughput.py, on the same batch.
+"""Where an SFT step's time goes: phases (forward with the vision tower, backward, optimizer) and the top operators,
+for our model and for the Llava baseline of train_throughput.py, on the same batch.
 
     python benchmarks/profile_step.py --preset small                  # CPU
     python benchmarks/profile_step.py --preset real --device cuda --dtype bf16 --batch_size 8

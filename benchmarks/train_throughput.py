@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "A10G": 125.0,
                "3090": 71.0}
 ROWS = {"sft-ours": "SFT, ours", "sft-grouped": "SFT, ours, --group_by_length",
-        "sft-compiled": "SFT, ours, --group_by_length --compile", "sft-llava": "SFT, Llava plain loop", "pretrain-online": "stage 1, online encoding",
-        "pretrain-cached": "stage 1, cached features"}
+        "sft-compiled": "SFT, ours, --group_by_length --compile", "sft-llava": "SFT, Llava plain loop",
+        "pretrain-online": "stage 1, online encoding", "pretrain-cached": "stage 1, cached features"}
 
 
 def make_data(workdir: str, samples: int) -> str:
@@ -134,6 +134,7 @@ def run_llava(args, data: str, row: str) -> dict:
 def parameter_counts(preset: str, vocab_size: int) -> dict:
     """Parameters per part, from a model built on the meta device (no memory, no time)."""
     import torch
+
     from model import VLM, VLMConfig, preset_configs
 
     vision, text = preset_configs(preset, vocab_size)
@@ -145,7 +146,7 @@ def parameter_counts(preset: str, vocab_size: int) -> dict:
     llm -= 0 if text.tie_word_embeddings else head
     patches = (vision.image_size // vision.patch_size) ** 2
     return {"vision": sum(p.numel() for p in model.vision_model.parameters()), "llm_blocks": llm, "head": head,
-            "projector": sum(p.numel() for p in model.projector.parameters()), "patches": patches}
+            "patches": patches}
 
 
 def useful_flops(counts: dict, row: str, step: dict, batch_size: int, train_vision: bool) -> float:
