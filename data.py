@@ -392,15 +392,19 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.scan_workers = scan_workers
         self.tables = [(path, load_records(path)) for path in paths]
         self.index = [(t, i) for t, (_, table) in enumerate(self.tables) for i in range(len(table))]
+        self.lengths = None  # length estimates, filled by the structural scan (which parses every record anyway)
         if not validate:  # check_data() reports every problem itself
             return
-        problems = self.scan(check_structure_only=True)
+        structure = self.check_all(check_structure_only=True)
+        problems = [(r["position"], r["error"]) for r in structure if r["error"]]
         if problems and not skip_bad_samples:
             raise DataError(_problem_report(problems, len(self.index)))
+        self.lengths = [r.get("length") for r in structure]
         if skip_bad_samples:
             problems = self.scan(check_structure_only=False)
             bad = {position for position, _ in problems}
             self.index = [entry for position, entry in enumerate(self.index) if position not in bad]
+            self.lengths = [length for position, length in enumerate(self.lengths) if position not in bad]
             self.skipped = problems
             if problems:
                 print(f"skipping {len(problems)} bad samples of {len(self.index) + len(problems)}; first: "
@@ -419,7 +423,11 @@ class ConversationDataset(torch.utils.data.Dataset):
     def length_estimate(self, position: int) -> int:
         """A cheap stand-in for the token count (no tokenizer, no image decoding), for --group_by_length:
         characters of text, plus the image tokens counted as four characters each."""
-        sample = self.sample(position)
+        if self.lengths is not None:
+            return self.lengths[position]
+        return self._estimate_length(self.sample(position))
+
+    def _estimate_length(self, sample: Sample) -> int:
         text = sum(len(message["content"]) for message in sample.messages) + len(sample.rejected or "")
         return text + 4 * self.processor.num_image_tokens * len(sample.images)
 
@@ -452,7 +460,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 for ref in sample.images:
                     if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
                         raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
-                return result
+                return {**result, "length": self._estimate_length(sample)}
             encoded = self.processor.encode_sample(sample, self.image_dir)
         except DataError as error:
             return {**result, "error": str(error)}

@@ -1,5 +1,7 @@
 """Packing: samples side by side in one row give exactly what they give alone, and never see each other."""
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_vlm, write_llava_json
@@ -106,6 +108,18 @@ def test_length_groups_keep_every_sample_once_sort_within_groups_and_resume(tmp_
     plain.set_epoch(0)
     grouped.set_epoch(0)
     assert padding(grouped) < padding(plain) / 2  # the character-count estimate is good enough to group by
+
+
+def test_length_estimates_come_from_the_start_up_scan_and_follow_skipped_samples(tmp_path, toy_tokenizer):
+    path, image_dir = write_llava_json(str(tmp_path), 12, text_only={3})
+    processor = VLMProcessor.from_model(tiny_vlm(toy_tokenizer))
+    lazy = ConversationDataset([path], processor, image_dir, validate=False)
+    expected = [lazy.length_estimate(p) for p in range(len(lazy))]
+    assert expected[4] != expected[5] != expected[6]  # a shifted list would not pass below
+    assert ConversationDataset([path], processor, image_dir).lengths == expected
+    os.remove(os.path.join(image_dir, "5.png"))
+    skipped = ConversationDataset([path], processor, image_dir, skip_bad_samples=True)
+    assert [skipped.length_estimate(p) for p in range(len(skipped))] == expected[:5] + expected[6:]
 
 
 def test_group_by_length_trains(tmp_path, toy_tokenizer):
