@@ -520,7 +520,9 @@ def vlm_from_configs(vision_config: PreTrainedConfig, text_config: PreTrainedCon
 
 
 # Named sizes in one place. "real" is so400m + Qwen2.5-0.5B with random weights (benchmarks, memory checks);
-# "tiny" and "small" are for tests and CPU runs. Vocabulary size follows the tokenizer given.
+# "tiny" is for tests and the offline main job; "small" (~60M) keeps the real geometry (384-px images, 14-px patches:
+# 27x27 patches -> 169 image tokens) at CPU-friendly widths, so sequence lengths match the real model's.
+# Vocabulary size follows the tokenizer given.
 PRESETS = {
     "tiny": dict(
         vision=dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -531,9 +533,9 @@ PRESETS = {
     ),
     "small": dict(
         vision=dict(model_type="siglip_vision_model", hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                    num_attention_heads=6, image_size=224, patch_size=16, vision_use_head=False),
-        text=dict(model_type="qwen2", hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                    num_attention_heads=6, image_size=384, patch_size=14, vision_use_head=False),
+        text=dict(model_type="qwen2", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
                   tie_word_embeddings=True),
     ),
     "real": dict(

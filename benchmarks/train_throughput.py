@@ -1,6 +1,6 @@
 """Training throughput: Mary-MLLM's stages against what a user would otherwise run, in one run on one machine.
 
-    python benchmarks/train_throughput.py --preset small                 # CPU: a few minutes
+    python benchmarks/train_throughput.py --preset small                 # CPU: ~10 minutes
     python benchmarks/train_throughput.py --preset real --device cuda --dtype bf16 --batch_size 8 --steps 20
 
 Rows, each in its own process (so peak memory is its own), on the same generated data and backbone sizes:
