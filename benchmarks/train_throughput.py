@@ -10,6 +10,9 @@ Rows, each in its own process (so peak memory is its own), on the same generated
 - SFT, baseline: a plain loop over transformers' LlavaForConditionalGeneration with the same SigLIP-style and
   Qwen2-style configs and the same trainable set (logits at every position, no 2x downsample of the patch grid, the
   model's mean loss), fed pre-encoded batches;
+- SFT, TRL: the same Llava model trained by TRL's SFTTrainer (`pip install trl`; the row is left out without it), its
+  collator rendering each batch outside the timed step, replies supervised alone and activation checkpointing off
+  (TRL's default is on; ours is off), so that it does the same work as the plain loop through TRL's trainer;
 - stage 1, ours, online: pretrain_train.py (projector only) encoding every image with the frozen tower each step;
 - stage 1, ours, cached: the same with --cache_vision_features (the one-off encoding pass is not in the step time).
 Columns: samples/s, supervised tokens/s, step time and peak memory averaged over the steps after --warmup, and on a
@@ -20,6 +23,7 @@ out, so MFU is a slight underestimate at long sequences.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -37,6 +41,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090
                "3090": 71.0}
 ROWS = {"sft-ours": "SFT, ours", "sft-grouped": "SFT, ours, --group_by_length",
         "sft-compiled": "SFT, ours, --group_by_length --compile", "sft-llava": "SFT, Llava plain loop",
+        "sft-trl": "SFT, Llava + TRL SFTTrainer",
         "pretrain-online": "stage 1, online encoding", "pretrain-cached": "stage 1, cached features"}
 
 
@@ -131,6 +136,77 @@ def run_llava(args, data: str, row: str) -> dict:
     return {"steps": steps}
 
 
+def llava_chat_template(system_prompt: str) -> str:
+    """Our ChatML layout for a processor whose messages carry image parts; {% generation %} marks the replies so
+    that TRL can supervise them alone, as ours does."""
+    return (
+        "{%- macro text(message) %}{%- if message.content is string %}{{- message.content }}{%- else %}"
+        "{%- for part in message.content %}{{- '<|image_pad|>' if part.type == 'image' else part.text }}{%- endfor %}"
+        "{%- endif %}{%- endmacro %}"
+        "{{- '<|im_start|>system\\n' + " + json.dumps(system_prompt) + " + '<|im_end|>\\n' }}"
+        "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' }}"
+        "{%- if message.role == 'assistant' %}{% generation %}{{- text(message) + '<|im_end|>' }}{% endgeneration %}"
+        "{{- '\\n' }}{%- else %}{{- text(message) + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def run_trl(args, data: str, row: str) -> dict:
+    """The same Llava model trained by TRL's SFTTrainer the way its docs show for VLMs (its collator renders and
+    processes each batch), with the replies supervised alone as ours are, and TRL's activation checkpointing off
+    as ours is; the collation is outside the timed step, as for the plain loop."""
+    import torch
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoTokenizer, LlavaProcessor, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from model import DEFAULT_SYSTEM_PROMPT, preset_image_processor
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
+    torch.manual_seed(0)
+    model = llava_baseline(args.preset, tokenizer, args.train_vision)
+    vision = model.config.vision_config
+    processor = LlavaProcessor(image_processor=preset_image_processor(vision), tokenizer=tokenizer,
+                               patch_size=vision.patch_size, vision_feature_select_strategy="full",
+                               image_token="<|image_pad|>", chat_template=llava_chat_template(DEFAULT_SYSTEM_PROMPT))
+    with open(os.path.join(data, "sft.json")) as f:
+        records = json.load(f)[:args.steps * args.batch_size]
+    roles = {"human": "user", "gpt": "assistant"}
+    dataset = Dataset.from_list([{
+        "messages": [{"role": roles[t["from"]], "content": t["value"].replace("<image>", "").strip()}
+                     for t in r["conversations"]],
+        "images": [Image.open(os.path.join(data, "images", r["image"])).convert("RGB")]} for r in records])
+
+    counts, steps = [], []
+    trl_collator = None
+
+    def counting_collator(examples):
+        batch = trl_collator(examples)
+        counts.append((int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum())))
+        return batch
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            steps.append(time.perf_counter() - self.started)
+
+    config = SFTConfig(output_dir=os.path.join(data, row), max_steps=args.steps,
+                       per_device_train_batch_size=args.batch_size, learning_rate=1e-4, lr_scheduler_type="constant",
+                       assistant_only_loss=True, activation_checkpointing=False, max_length=None,
+                       bf16=args.dtype == "bf16", use_cpu=args.device == "cpu", save_strategy="no", report_to=[],
+                       logging_steps=args.steps, dataloader_num_workers=0, seed=0)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
+                         callbacks=[StepTimer()])
+    trl_collator, trainer.data_collator = trainer.data_collator, counting_collator
+    trainer.train()
+    return {"steps": [{"seconds": seconds, "tokens": tokens, "supervised": supervised}
+                      for seconds, (tokens, supervised) in list(zip(steps, counts))[args.warmup:]]}
+
+
 def parameter_counts(preset: str, vocab_size: int) -> dict:
     """Parameters per part, from a model built on the meta device (no memory, no time)."""
     import torch
@@ -204,11 +280,15 @@ def main():
     if args.row:  # one row, in its own process
         import torch
 
-        result = (run_llava if args.row == "sft-llava" else run_ours)(args, args.data, args.row)
+        runner = {"sft-llava": run_llava, "sft-trl": run_trl}.get(args.row, run_ours)
+        result = runner(args, args.data, args.row)
         result["peak_gib"] = (torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda")
                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
         print("RESULT " + json.dumps(result))
         return
+    if "sft-trl" in args.rows and importlib.util.find_spec("trl") is None:
+        print("leaving out the TRL row: TRL is not installed (pip install trl)")
+        args.rows.remove("sft-trl")
     with tempfile.TemporaryDirectory() as workdir:
         data = make_data(workdir, args.samples)
         from transformers import AutoTokenizer
@@ -241,6 +321,9 @@ def main():
     if {"sft-ours", "sft-llava"} <= rows.keys():
         print(f"SFT, ours / baseline, supervised tokens/s: "
               f"{rows['sft-ours']['supervised_tok_s'] / rows['sft-llava']['supervised_tok_s']:.2f}x")
+    if {"sft-ours", "sft-trl"} <= rows.keys():
+        print(f"SFT, ours / TRL, supervised tokens/s: "
+              f"{rows['sft-ours']['supervised_tok_s'] / rows['sft-trl']['supervised_tok_s']:.2f}x")
     if {"pretrain-online", "pretrain-cached"} <= rows.keys():
         print(f"stage 1, cached / online, samples/s: "
               f"{rows['pretrain-cached']['samples_s'] / rows['pretrain-online']['samples_s']:.2f}x")
