@@ -396,12 +396,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not validate:  # check_data() reports every problem itself
             return
         structure = self.check_all(check_structure_only=True)
-        problems = [(r["position"], r["error"]) for r in structure if r["error"]]
+        problems = _problems(structure)
         if problems and not skip_bad_samples:
             raise DataError(_problem_report(problems, len(self.index)))
         self.lengths = [r.get("length") for r in structure]
         if skip_bad_samples:
-            problems = self.scan(check_structure_only=False)
+            problems = _problems(self.check_all(check_structure_only=False))
             bad = {position for position, _ in problems}
             self.index = [entry for position, entry in enumerate(self.index) if position not in bad]
             self.lengths = [length for position, length in enumerate(self.lengths) if position not in bad]
@@ -439,10 +439,6 @@ class ConversationDataset(torch.utils.data.Dataset):
         item = self.processor.encode_sample(self.sample(position), self.image_dir, decode_images=False)
         item["vision_features"] = self.feature_cache.features(position)
         return item
-
-    def scan(self, check_structure_only: bool) -> list[tuple[int, str]]:
-        """(position, message) for every sample that fails: its structure and image files, or a full encode."""
-        return [(r["position"], r["error"]) for r in self.check_all(check_structure_only) if r["error"]]
 
     def check_all(self, check_structure_only: bool) -> list[dict]:
         """check() of every sample, run by `scan_workers` dataloader workers: a full check decodes every image."""
@@ -483,6 +479,11 @@ class _Checks(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         return self.dataset.check(position, self.check_structure_only)
+
+
+def _problems(results: list[dict]) -> list[tuple[int, str]]:
+    """(position, message) for every sample that check() found failing."""
+    return [(r["position"], r["error"]) for r in results if r["error"]]
 
 
 def _problem_report(problems: list[tuple[int, str]], total: int, shown: int = 10) -> str:
