@@ -178,12 +178,14 @@ def run_trl(args, data: str, row: str) -> dict:
         "images": [Image.open(os.path.join(data, "images", r["image"])).convert("RGB")]} for r in records])
 
     counts, steps = [], []
-    trl_collator = None
 
-    def counting_collator(examples):
-        batch = trl_collator(examples)
-        counts.append((int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum())))
-        return batch
+    def counting(collator):
+        """TRL's collator, noting each batch's real and supervised tokens (batch i is step i: no workers)."""
+        def collate(examples):
+            batch = collator(examples)
+            counts.append((int(batch["attention_mask"].sum()), int((batch["labels"][:, 1:] != -100).sum())))
+            return batch
+        return collate
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_, **__):
@@ -201,7 +203,7 @@ def run_trl(args, data: str, row: str) -> dict:
                        logging_steps=args.steps, dataloader_num_workers=0, seed=0)
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor,
                          callbacks=[StepTimer()])
-    trl_collator, trainer.data_collator = trainer.data_collator, counting_collator
+    trainer.data_collator = counting(trainer.data_collator)
     trainer.train()
     return {"steps": [{"seconds": seconds, "tokens": tokens, "supervised": supervised}
                       for seconds, (tokens, supervised) in list(zip(steps, counts))[args.warmup:]]}
