@@ -11,6 +11,7 @@ grid (SigLIP, CLIP, DINOv2) and any Hugging Face causal LM (Qwen2, Llama, GPT-2,
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import threading
 from contextlib import contextmanager
@@ -45,6 +46,11 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 IGNORE_INDEX = -100
 
 
+def _side(size) -> int:
+    """A config's image or patch size, given as an int or a (height, width) pair."""
+    return size if isinstance(size, int) else size[0]
+
+
 class VLMConfig(PreTrainedConfig):
     """The vision and text sub-configs plus the few numbers that join them."""
 
@@ -61,6 +67,9 @@ class VLMConfig(PreTrainedConfig):
     downsample_factor: int = 2
     projector_hidden_size: int | None = None  # None: the LLM's hidden size
     vision_feature_layer: int = -1  # -1: the tower's last_hidden_state; other values index hidden_states
+    # The side of the square image the tower is fed, as the image processor produces it. It can differ from the
+    # vision config's image_size: a DINOv2 folder declares 518 while its processor crops 224. None: the config's.
+    image_size: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     # LoRA adapters, when the model carries them: {"r", "alpha", "dropout", "towers": ["llm"] or ["llm", "vision"]}.
     # Kept in the config so that from_pretrained rebuilds the adapters before loading their weights.
@@ -69,10 +78,16 @@ class VLMConfig(PreTrainedConfig):
     @property
     def vision_grid(self) -> int:
         """Patches per side of the vision tower's grid (27 for so400m-patch14-384)."""
-        size, patch = self.vision_config.image_size, self.vision_config.patch_size
-        size = size if isinstance(size, int) else size[0]
-        patch = patch if isinstance(patch, int) else patch[0]
-        return size // patch  # a stride-`patch` convolution drops the remainder: 384 // 14 = 27
+        return self.input_size // self.patch_size  # a stride-`patch` convolution drops the remainder: 384 // 14 = 27
+
+    @property
+    def input_size(self) -> int:
+        """The side of the images the tower sees (what the image processor makes of every image)."""
+        return self.image_size or _side(self.vision_config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        return _side(self.vision_config.patch_size)
 
     @property
     def image_grid(self) -> int:
@@ -97,8 +112,10 @@ def downsample_grid(features: torch.Tensor, grid: int, out_grid: int) -> torch.T
     """
     batch, _, dim = features.shape
     image = features.transpose(1, 2).reshape(batch, dim, grid, grid)
-    image = F.interpolate(image, size=(out_grid, out_grid), mode="bilinear", align_corners=False, antialias=True)
-    return image.flatten(2).transpose(1, 2)
+    # In fp32: the antialiased filter has no bf16 kernel on CPUs.
+    image = F.interpolate(image.float(), size=(out_grid, out_grid), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return image.flatten(2).transpose(1, 2).to(features.dtype)
 
 
 class Projector(nn.Module):
@@ -179,7 +196,7 @@ class VLM(PreTrainedModel, GenerationMixin):
         # A frozen tower needs no activations kept for backward: the biggest saving of stage 1.
         with torch.set_grad_enabled(torch.is_grad_enabled() and vision_trains):
             out = self.vision_model(pixel_values=pixel_values.to(self.vision_model.dtype),
-                                    output_hidden_states=layer != -1)
+                                    output_hidden_states=layer != -1, **self._resize_kwargs())
             features = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         grid = self.config.vision_grid
         num_prefix = features.shape[1] - grid * grid
@@ -212,6 +229,14 @@ class VLM(PreTrainedModel, GenerationMixin):
                              f"{features.shape[0] * features.shape[1]} features ({features.shape[1]} per image)")
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
+    def _resize_kwargs(self) -> dict:
+        # SigLIP and CLIP keep their position embeddings at the config's size unless asked to resize them; DINOv2
+        # always resizes them to the input and takes no such argument.
+        resized = self.config.input_size != _side(self.config.vision_config.image_size)
+        if resized and _accepts(self.vision_model.forward, "interpolate_pos_encoding"):
+            return {"interpolate_pos_encoding": True}
+        return {}
+
     def _needs_vision_pass(self) -> bool:
         # Under DDP every trainable parameter must receive a gradient on every rank, or the all-reduce hangs. A
         # text-only batch therefore runs the projector (and a trainable tower) on a blank image with weight zero.
@@ -219,12 +244,8 @@ class VLM(PreTrainedModel, GenerationMixin):
                 and any(p.requires_grad for p in [*self.projector.parameters(), *self.vision_model.parameters()]))
 
     def _blank_image(self, like: torch.Tensor) -> torch.Tensor:
-        size = self.config.vision_grid * self._patch_size()
+        size = self.config.input_size
         return torch.zeros(1, 3, size, size, device=like.device, dtype=like.dtype)
-
-    def _patch_size(self) -> int:
-        patch = self.config.vision_config.patch_size
-        return patch if isinstance(patch, int) else patch[0]
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -332,6 +353,8 @@ class VLM(PreTrainedModel, GenerationMixin):
         if ensure_chat_tokens(tokenizer, self.config.image_token):
             self.language_model.resize_token_embeddings(len(tokenizer))
         self.config.image_token_id = tokenizer.convert_tokens_to_ids(self.config.image_token)
+        # The geometry follows what the processor really produces, not what the tower's config declares.
+        self.config.image_size = processed_image_size(image_processor)
         self.tokenizer, self.image_processor = tokenizer, image_processor
         return self
 
@@ -349,6 +372,9 @@ class VLM(PreTrainedModel, GenerationMixin):
         image_processor = (AutoImageProcessor.from_pretrained(path)
                            if _has_file(path, "preprocessor_config.json") else None)
         model.tokenizer, model.image_processor = tokenizer, image_processor
+        if image_processor is not None and processed_image_size(image_processor) != model.config.input_size:
+            raise ValueError(f"{path}: the image processor makes {processed_image_size(image_processor)}-px images "
+                             f"but the model was built for {model.config.input_size}-px ones")
         return model
 
     # ---------------------------------------------------------------- chat and generation
@@ -472,6 +498,21 @@ def _open_chat_image(image):
     return open_image(image, None, "chat input")
 
 
+def processed_image_size(image_processor) -> int:
+    """The side of the square images `image_processor` makes, found by running it on a small non-square image."""
+    from PIL import Image
+
+    height, width = image_processor(images=[Image.new("RGB", (61, 37))], return_tensors="pt")["pixel_values"].shape[-2:]
+    if height != width:
+        raise ValueError(f"{type(image_processor).__name__} makes {height}x{width} images from a non-square one; "
+                         f"the model needs a square patch grid: set its size (and crop) to a square")
+    return int(height)
+
+
+def _accepts(function, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
 def _has_file(path: str, name: str) -> bool:
     if os.path.isdir(path):
         return os.path.isfile(os.path.join(path, name))
@@ -498,17 +539,24 @@ def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
 
 
 def vlm_from_components(vision_model: str = DEFAULT_VISION_MODEL, llm_model: str = DEFAULT_LLM,
-                        dtype: torch.dtype = torch.float32, llm_kwargs: dict | None = None, **config_kwargs) -> VLM:
+                        dtype: torch.dtype = torch.float32, llm_kwargs: dict | None = None,
+                        image_size: int | None = None, **config_kwargs) -> VLM:
     """Stage-1 start: pretrained vision tower + pretrained LLM + a fresh projector (hub ids or local folders).
-    `llm_kwargs` go to the LLM's from_pretrained (a quantization_config for QLoRA)."""
+    `llm_kwargs` go to the LLM's from_pretrained (a quantization_config for QLoRA). `image_size` makes the image
+    processor resize every image to that square instead of its own size: fewer patches, fewer image tokens."""
     vision = load_vision_tower(vision_model, dtype=dtype)
     language = AutoModelForCausalLM.from_pretrained(llm_model, dtype=dtype, **(llm_kwargs or {}))
     config = VLMConfig(vision_config=vision.config, text_config=language.config, **config_kwargs)
     model = VLM(config, vision_model=vision, language_model=language)
     if not llm_kwargs:  # a quantized LLM keeps its k-bit weights
         model = model.to(dtype)
-    return model.attach_processors(AutoTokenizer.from_pretrained(llm_model),
-                                   AutoImageProcessor.from_pretrained(vision_model))
+    image_processor = AutoImageProcessor.from_pretrained(vision_model)
+    if image_size:
+        square = {"height": image_size, "width": image_size}
+        image_processor.size = square
+        if getattr(image_processor, "crop_size", None):
+            image_processor.crop_size = square
+    return model.attach_processors(AutoTokenizer.from_pretrained(llm_model), image_processor)
 
 
 def vlm_from_configs(vision_config: PreTrainedConfig, text_config: PreTrainedConfig, tokenizer, image_processor,

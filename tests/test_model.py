@@ -11,7 +11,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerF
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from data import VLMProcessor
-from model import VLM, VLMConfig, downsample_grid, preset_configs, vlm_from_components
+from model import VLM, VLMConfig, downsample_grid, preset_configs, vlm_from_components, vlm_from_configs
 
 QUESTION = "What colour is the square?"
 
@@ -21,6 +21,52 @@ def test_real_geometry_gives_169_image_tokens_from_the_configs():
     config = VLMConfig(vision_config=vision, text_config=text)
     assert (config.vision_grid, config.image_grid, config.num_image_tokens) == (27, 13, 169)
     assert VLMConfig(vision_config=preset_configs("tiny", 300)[0]).num_image_tokens == 16
+
+
+# Real checkpoints' vision configs and image processors, narrowed to a few channels: the geometry (image size, patch
+# size, what the processor makes) is the real one. A DINOv2 folder declares 518 px while its processor crops 224.
+REAL_SHAPED = {
+    "siglip-so400m-patch14-384": (
+        dict(model_type="siglip_vision_model", image_size=384, patch_size=14, vision_use_head=False),
+        lambda: SiglipImageProcessorPil(size={"height": 384, "width": 384}), 169),
+    "clip-vit-large-patch14-336": (
+        dict(model_type="clip_vision_model", image_size=336, patch_size=14),
+        lambda: CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}), 144),
+    "dinov2-small": (
+        dict(model_type="dinov2", image_size=518, patch_size=14),
+        lambda: BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]), 64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_SHAPED))
+def test_image_tokens_follow_what_the_image_processor_makes(name, toy_tokenizer, tmp_path):
+    vision, make_processor, expected = REAL_SHAPED[name]
+    narrow = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision_config = AutoConfig.for_model(vision.pop("model_type"), **narrow, **vision)
+    text_config = AutoConfig.for_model("qwen2", vocab_size=len(toy_tokenizer), num_key_value_heads=2,
+                                       **dict(SMALL_TEXT, num_hidden_layers=1))
+    torch.manual_seed(0)
+    model = vlm_from_configs(vision_config, text_config, toy_tokenizer, make_processor()).eval()
+    assert model.config.num_image_tokens == expected
+
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (500, 375), (200, 120, 40)).save(image)  # any size: the processor makes it the tower's
+    batch = model.processor().encode_generation_batch([str(image)], [QUESTION])
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == expected
+    with torch.no_grad():
+        assert model(**batch).logits.shape[:2] == batch["input_ids"].shape  # features fill exactly the placeholders
+
+    model.save_pretrained(tmp_path / "saved")
+    assert VLM.from_pretrained(tmp_path / "saved").config.num_image_tokens == expected
+
+
+def test_a_processor_that_disagrees_with_a_saved_model_is_an_error(toy_tokenizer, tmp_path):
+    model = tiny_vlm(toy_tokenizer)
+    model.save_pretrained(tmp_path)
+    SiglipImageProcessorPil(size={"height": 96, "width": 96}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="96-px images but the model was built for 64-px"):
+        VLM.from_pretrained(tmp_path)
 
 
 def test_downsampling_merges_spatial_neighbours_not_raster_runs():
