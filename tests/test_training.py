@@ -157,6 +157,30 @@ def test_mixed_precision_runs_on_cpu_with_fp32_master_weights(tmp_path, data, dt
     assert all(t.dtype == torch.float32 for t in final_weights(tmp_path).values())
 
 
+@pytest.mark.parametrize("speedup, expected", [(4.2, torch.bfloat16), (1.1, torch.float32), (0.0, torch.float32)])
+def test_dtype_auto_on_a_cpu_takes_bf16_only_where_it_measures_faster(speedup, expected, monkeypatch, tmp_path, data,
+                                                                     capsys):
+    import training
+
+    monkeypatch.setattr(training, "cpu_bf16_speedup", lambda: speedup)
+    assert training.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert training.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice stays
+    sft_train.main(common_args(data, tmp_path, "--preset", "tiny", "--max_steps", "1", "--batch_size", "4",
+                               "--save_steps", "0", "--dtype", "auto"))
+    label = "bf16 autocast" if expected == torch.bfloat16 else "fp32"
+    assert f"precision: {label} (--dtype auto: bf16 matmuls run {speedup:.1f}x fp32 on this CPU)" in capsys.readouterr().out
+
+
+def test_dtype_auto_measures_this_cpu():
+    import training
+
+    speedup = training.cpu_bf16_speedup()
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert speedup == 0.0  # no bf16 instructions: emulated bf16 is never chosen
+    else:
+        assert speedup > 0 and training.cpu_bf16_speedup() == speedup  # measured once per process
+
+
 def test_wandb_logging_only_when_asked(tmp_path, data, monkeypatch):
     calls = []
 
