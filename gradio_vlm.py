@@ -16,7 +16,9 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MAIN_JOB_CHECKPOINTS = ["checkpoints/tiny/dpo", "checkpoints/tiny/sft"]
+# The real recipe's checkpoints (scripts/*.sh), then the main job's (pretrained parts, then --preset tiny).
+MAIN_JOB_CHECKPOINTS = ["checkpoints/dpo", "checkpoints/sft", "checkpoints/mini/dpo", "checkpoints/mini/sft",
+                        "checkpoints/tiny/dpo", "checkpoints/tiny/sft"]
 EXAMPLES = os.path.join(ROOT, "assets", "examples")
 MAX_PIXELS = 40_000_000  # bigger uploads are refused with a message: decoding them could exhaust memory
 
@@ -29,8 +31,8 @@ def resolve_model_path(model_path: str | None) -> str:
     for candidate in MAIN_JOB_CHECKPOINTS:
         if os.path.isfile(os.path.join(ROOT, candidate, "config.json")):
             return os.path.join(ROOT, candidate)
-    raise SystemExit("no checkpoint to chat with: run `bash scripts/quickstart.sh` to train the tiny model "
-                     "(it writes checkpoints/tiny/), or pass --model_path FOLDER")
+    raise SystemExit("no checkpoint to chat with: run `bash scripts/quickstart.sh` to train the main job's model "
+                     "(it writes checkpoints/mini/), or pass --model_path FOLDER")
 
 
 def load_model(args):
@@ -181,7 +183,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_path", default=None,
-                        help="a VLM checkpoint folder (default: the main job's, checkpoints/tiny/dpo or sft)")
+                        help="a VLM checkpoint folder (default: the first found of "
+                             + ", ".join(MAIN_JOB_CHECKPOINTS) + ")")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="inference dtype")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it)")

@@ -7,6 +7,7 @@ random size and jitter inside its cell. From each scene the generator writes:
     sft.json        multi-turn conversations asking colour, shape, count, position and existence
     dpo.json        preference pairs {"image", "question", "chosen", "rejected"}: the rejected answer hallucinates
     eval.jsonl      held-out single questions {"image", "question", "answer", "type", "lang"} for eval_vlm.py
+    eval_captions.jsonl  the same held-out images to describe, with the objects a caption should name
     images/         the PNGs, named by split
     tokenizer/      a byte-level BPE learnt from every phrase the generator can write, with Qwen's chat template
 
@@ -176,7 +177,7 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
     rng = random.Random(seed)
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
-    records = []
+    records, captions = [], []
     for i in range(num_samples):
         scene = random_scene(rng)
         file_name = f"{kind}_{seed}_{i:06d}.png"
@@ -200,14 +201,19 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
                 records.append({"id": f"{kind}-{i}-{j}", "image": file_name, "question": question,
                                 "chosen": chosen, "rejected": rejected})
         else:
+            captions.append({"id": f"{kind}-{i}-caption", "image": file_name, "type": "caption",
+                             "question": "简要描述这张图片。" if zh else "Describe the image briefly.",
+                             "answer": caption(scene, zh), "objects": [name(o, zh) for o in scene],
+                             "lang": "zh" if zh else "en"})
             for question_type in QUESTION_TYPES:
                 question, answer = ask(question_type, scene, rng, zh)
                 records.append({"id": f"{kind}-{i}-{question_type}", "image": file_name, "question": question,
                                 "answer": answer, "type": question_type, "lang": "zh" if zh else "en"})
     if kind == "eval":
         path = os.path.join(output_dir, "eval.jsonl")
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        for file_name, rows in (("eval.jsonl", records), ("eval_captions.jsonl", captions)):
+            with open(os.path.join(output_dir, file_name), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     else:
         path = os.path.join(output_dir, f"{kind}.json")
         with open(path, "w", encoding="utf-8") as f:

