@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import conversation, draw_image, write_llava_json
 
-from data import (IMAGE_PLACEHOLDER, ConversationDataset, DataError, VLMProcessor, check_data, collate,
+from data import (IMAGE_PLACEHOLDER, PAD_MULTIPLE, ConversationDataset, DataError, VLMProcessor, check_data, collate,
                   parse_record)
 from model import IGNORE_INDEX
 
@@ -96,12 +96,14 @@ def test_collate_pads_right_and_masks_padding(toy_tokenizer):
     long = processor.encode_chat(MULTI_TURN)
     short["pixel_values"], long["pixel_values"] = torch.zeros(1, 3, 8, 8), None
     batch = collate([short, long], pad_token_id=toy_tokenizer.pad_token_id)
-    n = len(short["input_ids"])
-    assert batch["input_ids"].shape == (2, len(long["input_ids"]))
+    n, m = len(short["input_ids"]), len(long["input_ids"])
+    width = -(-m // PAD_MULTIPLE) * PAD_MULTIPLE  # a few distinct batch shapes, not one per batch
+    assert batch["input_ids"].shape == (2, width) and width - PAD_MULTIPLE < m <= width
     assert batch["attention_mask"][0, :n].all() and not batch["attention_mask"][0, n:].any()
+    assert batch["attention_mask"][1, :m].all() and not batch["attention_mask"][1, m:].any()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
     assert (batch["input_ids"][0, n:] == toy_tokenizer.pad_token_id).all()
-    assert torch.equal(batch["labels"][1], long["labels"])
+    assert torch.equal(batch["labels"][1, :m], long["labels"]) and (batch["labels"][1, m:] == IGNORE_INDEX).all()
     assert batch["pixel_values"].shape == (1, 3, 8, 8)
 
 
