@@ -102,7 +102,7 @@ def load_records(path: str):
     import datasets
 
     if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataError(f"{path}: data file not found")
     if os.path.isdir(path):
         return datasets.load_from_disk(path)
     if path.endswith(".parquet"):
@@ -110,7 +110,7 @@ def load_records(path: str):
     if path.endswith((".json", ".jsonl")):
         _check_json_syntax(path)
         return datasets.Dataset.from_json(path)
-    raise ValueError(f"{path}: unknown data format (expected .json, .jsonl, .parquet or a saved datasets folder)")
+    raise DataError(f"{path}: unknown data format (expected .json, .jsonl, .parquet or a saved datasets folder)")
 
 
 def _check_json_syntax(path: str) -> None:
@@ -495,8 +495,8 @@ def _problem_report(problems: list[tuple[int, str]], total: int, shown: int = 10
 
 
 # Batches are padded to a multiple of this many tokens: a handful of distinct shapes instead of one per batch. CPU
-# matmul kernels (oneDNN) are set up per shape and that setup cost seconds per new shape in bf16 on a 2-core CPU;
-# GPU tensor cores also prefer multiples of 8.
+# matmul kernels (oneDNN) are set up per shape, which cost seconds per new length in bf16 on a 2-core CPU; GPU
+# tensor cores also prefer multiples of 8.
 PAD_MULTIPLE = 32
 
 

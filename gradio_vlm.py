@@ -40,10 +40,13 @@ def load_model(args):
 
     from model import VLM
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    from training import describe_precision, resolve_dtype
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, device)
     model = VLM.from_pretrained(resolve_model_path(args.model_path)).to(device=device, dtype=dtype).eval()
-    print(f"loaded {model.name_or_path} on {device} ({args.dtype})")
+    print(f"loaded {model.name_or_path} on {device}; precision: "
+          f"{describe_precision(args.dtype, device).replace('autocast', 'weights')}")
     return model
 
 
@@ -186,7 +189,9 @@ def main(argv=None):
                         help="a VLM checkpoint folder (default: the first found of "
                              + ", ".join(MAIN_JOB_CHECKPOINTS) + ")")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="inference dtype")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights' dtype; auto: bf16 on GPUs that have it (else fp16), on a CPU bf16 where it "
+                             "measures clearly faster than fp32")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--share", action="store_true", help="also open a public Gradio share link")

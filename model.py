@@ -391,12 +391,22 @@ class VLM(PreTrainedModel, GenerationMixin):
                    system_prompt: str | None = None, **generation_kwargs) -> list[str]:
         """Answer several (image, question[, history]) requests in one left-padded batch."""
         processor = self.processor()
-        batch = processor.encode_generation_batch(images, questions, histories, system_prompt)
-        batch = {k: (v.to(self.device) if v is not None else None) for k, v in batch.items()}
+        batch = self.on_device(processor.encode_generation_batch(images, questions, histories, system_prompt))
         kwargs = _generation_defaults(processor, generation_kwargs)
         output = self.generate(**batch, **kwargs)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def on_device(self, batch: dict) -> dict:
+        """Every tensor of a batch on the model's device (the images in the vision tower's dtype too): a path that
+        moves only the token ids works on a CPU and fails at the first question on a GPU."""
+        moved = {}
+        for key, value in batch.items():
+            if torch.is_tensor(value):
+                dtype = self.vision_model.dtype if key == "pixel_values" else None
+                value = value.to(self.device, dtype=dtype)
+            moved[key] = value
+        return moved
 
     def chat(self, image, question: str, history: list[tuple[str, str]] | None = None,
              system_prompt: str | None = None, **generation_kwargs) -> str:
@@ -431,8 +441,9 @@ class ChatSession:
     @torch.no_grad()
     def ask(self, question: str, **generation_kwargs) -> str:
         model, processor = self.model, self.model.processor()
-        batch = processor.encode_generation_batch([self.image], [question], [self.history], self.system_prompt)
-        input_ids = batch["input_ids"].to(model.device)
+        batch = model.on_device(processor.encode_generation_batch([self.image], [question], [self.history],
+                                                                  self.system_prompt))
+        input_ids = batch["input_ids"]
         kwargs = {"pixel_values": batch["pixel_values"]}
         reused = self._reusable_prefix(input_ids)
         if reused:  # the image and earlier turns are in the cache already: only the new tokens are computed

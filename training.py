@@ -129,16 +129,17 @@ def build_model(args, tokenizer_texts=None) -> VLM:
     adapters when asked for and not already there."""
     quantization = quantization_config(args)
     if args.model_path:
-        model = VLM.from_pretrained(args.model_path, **quantization)
+        model = loaded("--model_path", args.model_path, lambda: VLM.from_pretrained(args.model_path, **quantization))
     elif args.preset:
         if args.tokenizer:
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+            tokenizer = loaded("--tokenizer", args.tokenizer, lambda: AutoTokenizer.from_pretrained(args.tokenizer))
         else:  # nothing pretrained: a small BPE learnt from the training text itself
             tokenizer = make_tokenizer(tokenizer_texts(), vocab_size=args.tokenizer_vocab_size)
         model = vlm_from_preset(args.preset, tokenizer)
     else:
-        model = vlm_from_components(args.vision_model, args.llm_model, llm_kwargs=quantization,
-                                    image_size=args.image_size)
+        model = loaded("--vision_model / --llm_model", f"{args.vision_model}, {args.llm_model}",
+                       lambda: vlm_from_components(args.vision_model, args.llm_model, llm_kwargs=quantization,
+                                                   image_size=args.image_size))
     if quantization:
         from peft import prepare_model_for_kbit_training
 
@@ -146,6 +147,21 @@ def build_model(args, tokenizer_texts=None) -> VLM:
     if args.lora and not model.config.lora:
         model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target)
     return model
+
+
+def loaded(flag: str, source: str, load):
+    """load(), or one line naming the flag when its folder or Hub id cannot be loaded: transformers otherwise answers
+    a mistyped local path with a traceback about Hub repository names."""
+    try:
+        return load()
+    except OSError as error:  # transformers' "not found locally and not on the Hub (or the Hub unreachable)"
+        reason = str(error).strip().splitlines()[0]
+        raise SystemExit(f"{flag} {source}: not a model folder here, and not loadable from the Hugging Face Hub "
+                         f"({reason})") from None
+    except ValueError as error:  # huggingface_hub rejects a path that is not a valid repository name
+        if type(error).__name__ != "HFValidationError":
+            raise
+        raise SystemExit(f"{flag} {source}: no such folder (and not a Hugging Face Hub model id)") from None
 
 
 def quantization_config(args) -> dict:
@@ -490,15 +506,21 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
-    run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum}
+    # What fixes the data order and the schedule: a resume that changes any of these cannot continue the same run.
+    run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                 "seed": args.seed, "group_by_length": args.group_by_length, "total_steps": total_steps}
 
     step, stream = 0, BatchStream(loader, sampler, args.batch_size)
     checkpoints = list_checkpoints(args.output_dir)
     if args.resume and checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer, scheduler, scaler, runtime)
-        if state["run_shape"] != run_shape:
-            raise ValueError(f"{checkpoints[-1]} was written with {state['run_shape']}, this run has {run_shape}: "
-                             f"the data order would differ, so it cannot resume exactly")
+        changed = {key: (value, run_shape.get(key)) for key, value in state["run_shape"].items()
+                   if run_shape.get(key) != value}
+        if changed:
+            described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            raise ValueError(f"{checkpoints[-1]} was written with other settings ({described}; total_steps comes "
+                             f"from --max_steps or --num_epochs): "
+                             f"the data order or the schedule would differ, so it cannot resume exactly")
         step = state["step"]
         stream = BatchStream(loader, sampler, args.batch_size, state["epoch"], state["batch_in_epoch"])
         if runtime.is_main:
@@ -655,6 +677,12 @@ def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = T
 def run_stage(args, build_dataset=build_conversation_dataset, objective=None, collate=collate) -> VLM | None:
     """Everything a stage script does after parsing its flags: build, check or train, save."""
     quantization_config(args)  # a k-bit request on a machine that cannot serve it stops here, before any work
+    if args.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise SystemExit("--wandb_project logs to Weights & Biases, which is not installed: pip install wandb") \
+                from None
     runtime = setup_runtime(args.device)
     seed_everything(args.seed)
     torch.set_float32_matmul_precision("high")

@@ -30,7 +30,7 @@ def server(trained_checkpoint):
     model_path, image_dir = trained_checkpoint
     port = free_port()
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "gradio_vlm.py"), "--model_path", model_path,
-                                "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--port", str(port), "--dtype", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -143,7 +143,7 @@ def test_terminal_chat_answers_like_model_chat(trained_checkpoint, model):
     model_path, image_dir = trained_checkpoint
     image = first_image(image_dir)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gradio_vlm.py"), "--model_path", model_path,
-                             "--cli", image, "--max_new_tokens", "12"],
+                             "--cli", image, "--max_new_tokens", "12", "--dtype", "fp32"],
                             input="How many shapes are there?\n\n/image /nowhere.png\n", capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -296,3 +296,27 @@ def test_chat_session_reuses_the_cache_and_encodes_the_image_once(model, image):
     assert first == model.chat(image, QUESTION, **GEN)
     assert second == model.chat(image, "And now?", history=[(QUESTION, first)], **GEN)
     assert session.history == [(QUESTION, first), ("And now?", second)]
+
+
+def test_every_chat_entry_point_puts_its_inputs_on_the_models_device(model, image, monkeypatch):
+    """Without a GPU: the model claims to live on the meta device and a spy stands in for generate."""
+    from types import SimpleNamespace
+
+    from model import ChatSession
+
+    seen = []
+
+    def spy(**kwargs):
+        seen.append({key: value.device.type for key, value in kwargs.items() if torch.is_tensor(value)})
+        ids = kwargs["input_ids"]
+        sequences = torch.cat([torch.zeros(ids.shape, dtype=torch.long), torch.ones(ids.shape[0], 1,
+                                                                                   dtype=torch.long)], 1)
+        return SimpleNamespace(sequences=sequences, cache=None) if kwargs.get("return_dict_in_generate") else sequences
+
+    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(VLM, "device", property(lambda self: torch.device("meta")))
+    model.chat(image, QUESTION)
+    model.batch_chat([image, None], [QUESTION, "Hello?"])
+    ChatSession(model, image).ask(QUESTION)
+    assert len(seen) == 3 and all("pixel_values" in call for call in seen)
+    assert all(set(call.values()) == {"meta"} for call in seen), seen

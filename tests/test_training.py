@@ -168,7 +168,8 @@ def test_dtype_auto_on_a_cpu_takes_bf16_only_where_it_measures_faster(speedup, e
     sft_train.main(common_args(data, tmp_path, "--preset", "tiny", "--max_steps", "1", "--batch_size", "4",
                                "--save_steps", "0", "--dtype", "auto"))
     label = "bf16 autocast" if expected == torch.bfloat16 else "fp32"
-    assert f"precision: {label} (--dtype auto: bf16 matmuls run {speedup:.1f}x fp32 on this CPU)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"precision: {label} (--dtype auto: bf16 matmuls run {speedup:.1f}x fp32 on this CPU)" in printed
 
 
 def test_dtype_auto_measures_this_cpu():
@@ -201,6 +202,39 @@ def test_wandb_logging_only_when_asked(tmp_path, data, monkeypatch):
     sft_train.main(common_args(data, tmp_path / "b", "--preset", "tiny", "--max_steps", "2", "--batch_size", "4",
                                "--save_steps", "0", "--wandb_project", "mary"))
     assert [c[0] for c in calls] == ["init", "log", "log", "finish"] and calls[0][1] == "mary"
+
+
+def one_line_exit(argv, capsys=None) -> str:
+    """Run a stage expecting a user error: a SystemExit with a one-line message, never a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        sft_train.main(argv)
+    message = str(exit_info.value.code)
+    assert exit_info.value.code not in (0, None) and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+def test_user_errors_end_in_one_line(tmp_path, data, monkeypatch):
+    base = common_args(data, tmp_path / "out", "--preset", "tiny", "--max_steps", "1", "--batch_size", "4",
+                       "--save_steps", "0")
+    nowhere = str(tmp_path / "no_such_checkpoint")
+    assert nowhere in one_line_exit(base + ["--preset", "tiny", "--model_path", nowhere])
+    assert "missing.json: data file not found" in one_line_exit(
+        common_args((str(tmp_path / "missing.json"), data[1]), tmp_path / "o2", "--preset", "tiny"))
+    broken = tmp_path / "broken.json"
+    broken.write_text(open(data[0]).read()[:-40])
+    assert "broken.json:1: malformed JSON" in one_line_exit(common_args((str(broken), data[1]), tmp_path / "o3",
+                                                                        "--preset", "tiny"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails, as where it is not installed
+    assert "pip install wandb" in one_line_exit(base + ["--wandb_project", "mary"])
+    monkeypatch.delitem(sys.modules, "wandb")
+    # A corrupt image is found by a loader worker mid-run: its error reaches the user as one line, not the
+    # worker's traceback.
+    records = json.load(open(data[0]))
+    open(os.path.join(data[1], records[0]["image"]), "wb").write(b"not a png")
+    worker = common_args(data, tmp_path / "o4", "--preset", "tiny", "--max_steps", "4", "--batch_size", "4",
+                         "--save_steps", "0")
+    worker[worker.index("--num_workers") + 1] = "1"
+    assert "cannot decode image" in one_line_exit(worker)
 
 
 def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
@@ -262,6 +296,13 @@ def test_partial_checkpoint_is_ignored_and_mismatched_resume_refused(tmp_path, d
         sft_train.main(args + ["--resume", "--max_steps", "3", "--no-train_llm"])
     with pytest.raises(ValueError, match="cannot resume exactly"):
         sft_train.main(args + ["--resume", "--max_steps", "3", "--batch_size", "2"])
+    # The data order (seed, length grouping) or the schedule (its length) would differ: refused, naming the change.
+    for changed, named in ((["--seed", "7"], "seed 42 -> 7"), (["--group_by_length"], "group_by_length False -> True"),
+                           (["--max_steps", "3"], "total_steps 2 -> 3"), (["--max_steps", "-1", "--num_epochs", "2"],
+                                                                          "total_steps 2 -> 8")):
+        with pytest.raises(ValueError, match=named):
+            sft_train.main(args + ["--resume", *changed])
+    sft_train.main(args + ["--resume"])  # the same settings resume (here: nothing left to do)
 
 
 class NaNAtStep2(LanguageModelingObjective):
