@@ -128,7 +128,7 @@ def predict(args, questions: list[dict]) -> list[dict]:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VLM.from_pretrained(args.model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
-    print(f"precision: {describe_precision(args.dtype, device).replace('autocast', 'weights')}")
+    print(f"precision: {describe_precision(args.dtype, device, how='weights')}")
     images = {}
     for q in questions:
         if q["image"] and q["image"] not in images:

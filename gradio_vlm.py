@@ -46,7 +46,7 @@ def load_model(args):
     dtype = resolve_dtype(args.dtype, device)
     model = VLM.from_pretrained(resolve_model_path(args.model_path)).to(device=device, dtype=dtype).eval()
     print(f"loaded {model.name_or_path} on {device}; precision: "
-          f"{describe_precision(args.dtype, device).replace('autocast', 'weights')}")
+          f"{describe_precision(args.dtype, device, how='weights')}")
     return model
 
 

@@ -372,9 +372,10 @@ class VLM(PreTrainedModel, GenerationMixin):
         image_processor = (AutoImageProcessor.from_pretrained(path)
                            if _has_file(path, "preprocessor_config.json") else None)
         model.tokenizer, model.image_processor = tokenizer, image_processor
-        if image_processor is not None and processed_image_size(image_processor) != model.config.input_size:
-            raise ValueError(f"{path}: the image processor makes {processed_image_size(image_processor)}-px images "
-                             f"but the model was built for {model.config.input_size}-px ones")
+        made = processed_image_size(image_processor) if image_processor is not None else model.config.input_size
+        if made != model.config.input_size:
+            raise ValueError(f"{path}: the image processor makes {made}-px images but the model was built for "
+                             f"{model.config.input_size}-px ones")
         return model
 
     # ---------------------------------------------------------------- chat and generation

@@ -105,9 +105,10 @@ def cpu_bf16_speedup() -> float:
     return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
-def describe_precision(name: str, device: torch.device) -> str:
+def describe_precision(name: str, device: torch.device, how: str = "autocast") -> str:
+    """The precision --dtype NAME resolves to, and why; `how` is "autocast" in training, "weights" at inference."""
     dtype = resolve_dtype(name, device)
-    label = {torch.float32: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
+    label = {torch.float32: "fp32", torch.bfloat16: f"bf16 {how}", torch.float16: f"fp16 {how}"}[dtype]
     if name == "auto" and device.type == "cpu":
         return f"{label} (--dtype auto: bf16 matmuls run {cpu_bf16_speedup():.1f}x fp32 on this CPU)"
     return f"{label} (--dtype {name})"

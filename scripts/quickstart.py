@@ -60,8 +60,7 @@ RECIPES = {
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
     "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
                  pretrain_steps=500, pretrain_lr=5e-4, sft_steps=700, sft_lr=5e-4, sft_mode="full", dpo_steps=150,
-                 dpo_lr=2e-4,
-                 batch_size=32, warmup_steps=50, max_length=256, dtype="fp32", eval_batch_size=128),
+                 dpo_lr=2e-4, batch_size=32, warmup_steps=50, max_length=256, dtype="fp32", eval_batch_size=128),
 }
 
 
@@ -77,6 +76,9 @@ def stage_flags(args, stage: str) -> list[str]:
             "--logging_steps", str(max(1, steps // 20)), *(["--group_by_length"] if args.preset is None else [])]
 
 
+PREVIOUS = {"sft": "pretrain", "dpo": "sft"}  # the checkpoint each stage starts from
+
+
 def module_flags(args, stage: str) -> list[str]:
     """What trains in each stage, and the model each stage starts from."""
     start = [] if stage == "pretrain" else ["--model_path", os.path.join(args.output_dir, PREVIOUS[stage])]
@@ -90,12 +92,9 @@ def module_flags(args, stage: str) -> list[str]:
         return ["--vision_model", os.path.join(args.parts_dir, "vision"), "--llm_model",
                 os.path.join(args.parts_dir, "llm"), "--image_size", str(args.image_size), "--no-train_llm",
                 "--train_projector", "--cache_vision_features", os.path.join(args.output_dir, "feature_cache")]
-    lora = ["--lora", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
-    lora = lora if args.sft_mode == "lora" else []
-    return start + (lora if stage == "sft" else []) + ["--train_llm", "--train_projector"]
-
-
-PREVIOUS = {"sft": "pretrain", "dpo": "sft"}
+    if stage == "sft" and args.sft_mode == "lora":
+        start += ["--lora", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
+    return start + ["--train_llm", "--train_projector"]
 
 
 def evaluate(args, stage: str, seconds: dict, questions: str = "eval.jsonl", tag: str = "") -> dict:

