@@ -2,6 +2,8 @@
 
 With --lora only the adapters train (the projector stays as SFT left it unless you pass --train_projector with
 --precompute_ref), and the reference is the same model with its adapters switched off: no second copy in memory.
+A LoRA SFT checkpoint's adapters are merged into the weights first, so the reference is the SFT model and DPO
+trains fresh adapters on top of it.
 
     python dpo_train.py --model_path checkpoints/sft --data_path datasets/RLAIF-V/pairs.parquet \
         --output_dir checkpoints/dpo --beta 0.1
@@ -178,7 +180,8 @@ class DPOObjective:
 
 def build_parser():
     parser = stage_parser(__doc__.splitlines()[0], lr=1e-6, train_vision=False, train_projector=None,
-                          train_llm=True, max_length=2048, batch_size=8, warmup_ratio=0.1)
+                          train_llm=True, max_length=2048, batch_size=8, warmup_ratio=0.1,
+                          merge_loaded_adapters=True)
     dpo = parser.add_argument_group("DPO")
     dpo.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
     dpo.add_argument("--label_smoothing", type=float, default=0.0,

@@ -141,6 +141,13 @@ def build_model(args, tokenizer_texts=None) -> VLM:
         model = loaded("--vision_model / --llm_model", f"{args.vision_model}, {args.llm_model}",
                        lambda: vlm_from_components(args.vision_model, args.llm_model, llm_kwargs=quantization,
                                                    image_size=args.image_size))
+    if args.merge_loaded_adapters and model.config.lora:
+        # DPO: the starting model is the reference, and a LoRA SFT checkpoint's adapters are part of it. Switching
+        # them off would score the policy against the model before SFT; folded in, "adapters off" is the SFT model.
+        if quantization:
+            raise SystemExit(f"--model_path {args.model_path} carries LoRA adapters, which cannot be folded into "
+                             f"k-bit weights: merge them first (scripts/merge_lora.py) and start from that folder")
+        model.merge_lora()
     if quantization:
         from peft import prepare_model_for_kbit_training
 

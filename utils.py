@@ -105,7 +105,8 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     ckpt.add_argument("--wandb_project", default=None, help="log to this Weights & Biases project (off if unset)")
     ckpt.add_argument("--wandb_run_name", default=None, help="Weights & Biases run name")
 
-    parser.set_defaults(**defaults)
+    # Stages that need their starting model whole (DPO: it is also the reference) fold a checkpoint's adapters in.
+    parser.set_defaults(**{"merge_loaded_adapters": False, **defaults})
     return parser
 
 

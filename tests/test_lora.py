@@ -2,6 +2,7 @@
 loads with VLM.from_pretrained, merging keeps the logits, DPO's adapter-free reference equals a frozen copy, and
 k-bit loading without a GPU stops with a clear message."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -157,3 +158,28 @@ def test_lora_targets_are_found_by_module_type_in_each_tower(toy_tokenizer):
     set_trainable(model, vision=True, projector=True, llm=True)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == set(adapters) | {n for n, _ in model.projector.named_parameters(prefix="projector")}
+
+
+@pytest.mark.parametrize("mode", [["--lora"], ["--lora", "--precompute_ref"], [], ["--precompute_ref"]],
+                         ids=["adapters-off", "lora-precomputed", "frozen-copy", "precomputed"])
+def test_dpo_from_a_lora_sft_checkpoint_starts_at_its_reference(tmp_path, toy_tokenizer, mode):
+    """The reference is the SFT model, adapters included: at step 1 every pair ties (loss ln 2, rewards 0)."""
+    sft = tmp_path / "sft_lora"
+    model = tiny_vlm(toy_tokenizer).add_lora(4, 8, 0.05)
+    with torch.no_grad():  # adapters that SFT trained: they change the log-probs
+        for p in model.adapter_parameters().values():
+            p.add_(torch.randn_like(p) * 0.2)
+    model.save_pretrained(sft)
+    path, image_dir = pair_records(str(tmp_path / "data"))
+    out = tmp_path / "dpo"
+    dpo_train.main(["--model_path", str(sft), "--data_path", path, "--image_dir", image_dir, "--output_dir", str(out),
+                    "--num_workers", "0", "--logging_steps", "1", "--dtype", "fp32", "--batch_size", "8",
+                    "--max_steps", "1", "--save_steps", "0", "--lora_r", "4", "--lora_alpha", "8", *mode])
+    from test_dpo import read_log
+
+    first = read_log(out)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0.0, abs=1e-6)
+    final = VLM.from_pretrained(str(out))
+    assert (final.config.lora is not None) == ("--lora" in mode)  # fresh adapters only when DPO trains LoRA
