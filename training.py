@@ -207,13 +207,27 @@ def trainable_parameters(model: VLM) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def set_train_mode(model: VLM) -> None:
-    """Trainable modules in train mode; frozen ones in eval mode, computing what they compute at inference."""
+def set_train_mode(model: VLM, gradient_checkpointing: bool = False) -> None:
+    """Trainable modules in train mode; frozen ones in eval mode, computing what they compute at inference.
+
+    A frozen LLM that gradients still pass through (stage 1: the projector trains beneath it) keeps the most
+    activations of all, yet transformers recomputes a block only while the block is in training mode. With
+    checkpointing on, its blocks alone are flagged as training, so they are recomputed in backward; everything
+    inside them (attention, dropout) stays in eval mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     model.train()
+    upstream_trains = False  # towers in data-flow order: vision -> projector -> LLM
     for key in MODULE_PREFIXES:
         module = module_of(model, key)
-        if not any(p.requires_grad for p in module.parameters()):
+        trains = any(p.requires_grad for p in module.parameters())
+        if not trains:
             module.eval()
+            if gradient_checkpointing and upstream_trains:
+                for block in module.modules():
+                    if isinstance(block, GradientCheckpointingLayer):
+                        block.training = True  # this module only, not its children: no dropout
+        upstream_trains = upstream_trains or trains
 
 
 def build_optimizer(model: VLM, args) -> torch.optim.Optimizer:
@@ -543,7 +557,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
         ddp_model = DistributedDataParallel(
             model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
             find_unused_parameters=any(p.requires_grad for p in model.vision_model.parameters()))
-    set_train_mode(model)
+    set_train_mode(model, args.gradient_checkpointing)
     logger = MetricLogger(args, runtime, total_steps, step)
     params = list(trainable_parameters(model).values())
     try:

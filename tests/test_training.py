@@ -132,6 +132,26 @@ def test_gradient_checkpointing_and_loader_workers_change_nothing(tmp_path, data
     assert_same_run(logs[0], logs[1], [1, 2])
 
 
+def test_checkpointing_recomputes_a_frozen_llm_that_gradients_pass_through(tmp_path, data, monkeypatch):
+    """Stage 1: the LLM is frozen but the projector's gradient flows through it. With --gradient_checkpointing each
+    of its 4 blocks must run twice per step (forward, then recompute in backward), and with dropout still off the
+    losses and gradients equal the plain run's."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    calls = []
+    forward = Qwen2MLP.forward
+    monkeypatch.setattr(Qwen2MLP, "forward", lambda self, x: calls.append(self.training) or forward(self, x))
+    logs = {}
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
+        calls.clear()
+        pretrain_train.main(common_args(data, tmp_path / name, "--preset", "tiny", "--max_steps", "1",
+                                        "--batch_size", "4", "--save_steps", "0") + extra)
+        logs[name] = read_log(tmp_path / name)
+        assert len(calls) == (8 if extra else 4), name
+        assert not any(calls)  # the blocks' insides stay in eval mode
+    assert_same_run(logs["plain"], logs["checkpointed"], [1])
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile on CPU needs a C++ compiler (apt-get install g++)")
 def test_compiled_blocks_train_like_eager_and_save_the_same_weights(tmp_path, data):
