@@ -511,10 +511,12 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
         grouping = {"lengths": [dataset.length_estimate(i) for i in range(len(dataset))],
                     "group_size": 64 * args.batch_size, "batch_size": args.batch_size}
     sampler = ResumableSampler(dataset, runtime, args.seed, **grouping)
+    # The loader's own generator: starting an iterator draws a worker seed, which would otherwise come from the
+    # global RNG and shift every dropout mask after a resume (which starts one iterator more than the whole run).
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
                                          collate_fn=collate_fn, num_workers=args.num_workers,
-                                         pin_memory=runtime.device.type == "cuda",
-                                         persistent_workers=False)
+                                         pin_memory=runtime.device.type == "cuda", persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(args.seed + runtime.rank))
     batches_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)

@@ -274,9 +274,12 @@ def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
 
 
 # ---------------------------------------------------------------- checkpoints and resume
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data):
+@pytest.mark.parametrize("extra", [[], ["--lora", "--lora_dropout", "0.1"]], ids=["full", "lora-dropout"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data, extra):
+    """With dropout on, the resumed run must also draw the same dropout masks: nothing may consume the global RNG
+    between restoring it and the next step (a DataLoader without its own generator does, when it starts)."""
     args = ["--preset", "tiny", "--max_steps", "40", "--save_steps", "4", "--batch_size", "4",
-            "--save_total_limit", "3"]
+            "--save_total_limit", "3", *extra]
     script = [sys.executable, os.path.join(ROOT, "sft_train.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*script, *common_args(data, tmp_path / "whole", *args)], env=env, check=True,
