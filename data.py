@@ -312,15 +312,16 @@ class VLMProcessor:
         With last_reply_only, earlier replies are context, not targets (preference pairs)."""
         text, spans = self.render(self.expand_images(self.with_system_prompt(messages)))
         spans = spans[-1:] if last_reply_only else spans
-        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = encoding["input_ids"]
-        labels = [IGNORE_INDEX] * len(input_ids)
-        span_index = 0
-        for i, (start, _end) in enumerate(encoding["offset_mapping"]):
-            while span_index < len(spans) and start >= spans[span_index][1]:
-                span_index += 1
-            if span_index < len(spans) and start >= spans[span_index][0]:
-                labels[i] = input_ids[i]
+        # Each reply is tokenised apart from the text before it, which is exactly the prompt inference tokenises:
+        # tokenising the whole text at once can merge a token across the boundary (on Qwen's vocabulary the
+        # header's newline and a reply's leading newline become one token that neither side owns).
+        input_ids, labels, position = [], [], 0
+        for start, end in [*spans, (len(text), len(text))]:
+            for piece, supervised in ((text[position:start], False), (text[start:end], True)):
+                ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
+                input_ids += ids
+                labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+            position = end
         if len(input_ids) > self.max_length:
             num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
             raise DataError(f"{where}: {len(input_ids)} tokens (with {num_images} x {self.num_image_tokens} image "

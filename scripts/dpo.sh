@@ -3,8 +3,8 @@
 # Global batch 64 = 4 GPUs x 8 x 2 accumulation; lr 1e-6; beta 0.1; reference log-probs precomputed in a first pass.
 # Data: a JSON/JSONL/parquet of {"image", "question", "chosen", "rejected"} (RLAIF-V's parquet files work as they
 # are: their image column holds the bytes). RLAIF-V is CC BY-NC 4.0: non-commercial use only.
-# Run it with bash (NPROC=4 bash scripts/dpo.sh [flags]): it calls torchrun itself, through scripts/_torchrun.sh,
-# which also reads NNODES, MASTER_ADDR, MASTER_PORT for several machines.
+# Run it with bash (NPROC=4 bash scripts/dpo.sh [flags]): it calls torchrun itself (scripts/_torchrun.sh,
+# which also reads NNODES, MASTER_ADDR and MASTER_PORT to span several machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec bash scripts/_torchrun.sh dpo_train.py \

@@ -3,8 +3,8 @@
 # Global batch 128 = 4 GPUs x 8 x 4 accumulation; lr 2e-5 (projector the same); one epoch.
 # --group_by_length: batches of similar length (LLaVA-1.5 groups by length in this stage too).
 # For the Chinese data, add its file after the English one: --data_path a.json b.json (they are concatenated).
-# Run it with bash (NPROC=4 bash scripts/sft.sh [flags]): it calls torchrun itself, through scripts/_torchrun.sh,
-# which also reads NNODES, MASTER_ADDR, MASTER_PORT for several machines.
+# Run it with bash (NPROC=4 bash scripts/sft.sh [flags]): it calls torchrun itself (scripts/_torchrun.sh,
+# which also reads NNODES, MASTER_ADDR and MASTER_PORT to span several machines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 exec bash scripts/_torchrun.sh sft_train.py \

@@ -51,6 +51,20 @@ def test_labels_decode_to_the_replies_on_qwen_vocabulary(qwen_tokenizer):
     assert all(span[-1] == QWEN_IM_END for span in spans)
 
 
+@pytest.mark.parametrize("reply", ["\nA red square.", "\n\n- one\n- two", " leading space", "plain"])
+def test_reply_tokens_start_where_inference_starts(qwen_tokenizer, reply):
+    """Training must tokenise the prompt exactly as inference does and supervise the whole reply. On Qwen's
+    vocabulary "assistant\n" + "\nA" would merge the two newlines into one token that straddles the boundary."""
+    processor = VLMProcessor(qwen_tokenizer, None, num_image_tokens=4)
+    question = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    encoded = processor.encode_chat(question + [{"role": "assistant", "content": reply}])
+    spans = supervised_spans(encoded["input_ids"], encoded["labels"])
+    assert [qwen_tokenizer.decode(span) for span in spans] == [reply + "<|im_end|>"]
+    prompt = processor.encode_generation_batch([None], [question[0]["content"]])["input_ids"][0]
+    assert encoded["input_ids"][:len(prompt)].tolist() == prompt.tolist()
+    assert (encoded["labels"][:len(prompt)] == -100).all() and encoded["labels"][len(prompt)] != -100
+
+
 def test_image_placeholder_expands_to_geometry_count_on_qwen_vocabulary(qwen_tokenizer):
     processor = VLMProcessor(qwen_tokenizer, None, num_image_tokens=169)
     ids = processor.encode_chat(MULTI_TURN)["input_ids"]
