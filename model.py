@@ -44,6 +44,9 @@ IMAGE_TOKEN = "<|image_pad|>"
 # send one, in training and at inference, so the two prompts never differ.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 IGNORE_INDEX = -100
+# Attention implementations that build a per-row mask from packed position ids (transformers' masking_utils);
+# any other (flash-attention kernels) is given a packed batch as one row.
+MASKED_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 
 def _side(size) -> int:
@@ -256,16 +259,22 @@ class VLM(PreTrainedModel, GenerationMixin):
                 vision_features: torch.Tensor | None = None, **kwargs) -> VLMOutput:
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_index, vision_features)
+        rows = inputs_embeds.shape[0]
         if labels is not None:
             use_cache = False  # training keeps no KV cache (the LM would build one by default)
             if position_ids is not None:
                 # A packed batch: position ids restart per sample and the LM builds its block-diagonal causal mask
                 # from them, which it only does without a 2-D attention mask and without a cache.
                 attention_mask = None
+                if self.language_model.config._attn_implementation not in MASKED_ATTENTION:
+                    # Flash-attention kernels find the samples from position ids only in a batch of one row, and
+                    # would let each row's samples attend to one another: lay the rows end to end.
+                    inputs_embeds = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1])
+                    position_ids = position_ids.reshape(1, -1)
         outputs = self.language_model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                                  position_ids=position_ids, cache=cache,
                                                  use_cache=use_cache, **kwargs)
-        hidden = outputs.last_hidden_state
+        hidden = outputs.last_hidden_state.reshape(rows, -1, outputs.last_hidden_state.shape[-1])
         head = self.language_model.get_output_embeddings()
         if labels is None:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -39,6 +39,39 @@ def test_packed_rows_give_the_unpacked_logits_and_loss(setup):
     assert torch.allclose(supervised_logits(model, rows), a.logits, atol=1e-5)
 
 
+def flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
+                         **kwargs):
+    """What a flash-attention kernel does with a packed batch, in plain torch: causal attention, split into samples
+    at the position-id restarts only when the batch is a single row (transformers' own test for it)."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    length = query.shape[2]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    if _is_packed_sequence(position_ids, query.shape[0]):
+        sample = (position_ids[0].diff(prepend=position_ids[0, :1] - 1) != 1).cumsum(0)
+        allowed = allowed & (sample[:, None] == sample[None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2), None
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flash_like"])
+def test_several_packed_rows_are_correct_for_every_attention_implementation(setup, implementation):
+    """Flash-attention reads sample boundaries from position ids only in a batch of one row: packed rows must reach
+    such kernels as one row, or each row's samples attend to one another."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import flash_attention_mask
+
+    AttentionInterface.register("flash_like", flash_like_attention)
+    AttentionMaskInterface.register("flash_like", flash_attention_mask)
+    model, samples, pad = setup
+    expected = supervised_logits(model, collate(samples, pad))
+    model.language_model.config._attn_implementation = implementation  # what loading with it sets
+    rows = collate(samples, pad, pack_length=2 * max(len(s["input_ids"]) for s in samples))
+    assert 1 < rows["input_ids"].shape[0] < 6
+    assert torch.allclose(supervised_logits(model, rows), expected, atol=1e-5)
+
+
 def test_changing_one_packed_sample_changes_no_other(setup):
     model, samples, pad = setup
     packed = collate(samples, pad, pack_length=10_000)
