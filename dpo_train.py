@@ -208,7 +208,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    run_stage_from_args(args, build_dataset=build_preference_dataset, objective=DPOObjective(args),
+    return run_stage_from_args(args, build_dataset=build_preference_dataset, objective=DPOObjective(args),
                         collate=collate_pairs)
 
 

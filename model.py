@@ -368,10 +368,36 @@ class VLM(PreTrainedModel, GenerationMixin):
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
+        quantization = getattr(self.config.text_config, "quantization_config", None)
+        if quantization is None:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        else:  # QLoRA: saved as a plain checkpoint, so that it loads and merges anywhere, bitsandbytes or not
+            if kwargs.get("state_dict") is None:
+                kwargs["state_dict"] = self.dequantized_state_dict()
+            del self.config.text_config.quantization_config
+            try:
+                super().save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.config.text_config.quantization_config = quantization
         for processor in (self.tokenizer, self.image_processor):
             if processor is not None:
                 processor.save_pretrained(save_directory)
+
+    def dequantized_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with every k-bit (bitsandbytes) weight dequantized to the model's float dtype: exactly the
+        weights the quantized layers compute with, without their packed storage and quantization state."""
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        state_dict = self.state_dict()
+        dtype = self.language_model.get_input_embeddings().weight.dtype
+        for name, module in self.named_modules():
+            # Its own parameter only: a LoRA wrapper's `weight` is its base layer's.
+            if type(module._parameters.get("weight")).__name__ in ("Params4bit", "Int8Params"):
+                for key in [k for k in state_dict if k.startswith(f"{name}.weight") and k != f"{name}.weight"]:
+                    del state_dict[key]  # absmax, quant_map, quant_state, weight_format ... of the packed weight
+                weight = dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
+                state_dict[f"{name}.weight"] = weight.detach().to(dtype)
+        return state_dict
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> VLM:

@@ -10,7 +10,7 @@ from utils import run_stage_from_args, stage_parser
 def main(argv=None):
     parser = stage_parser(__doc__.splitlines()[0], lr=1e-3, train_vision=False, train_projector=True,
                           train_llm=False, max_length=1024, batch_size=32)
-    run_stage_from_args(parser.parse_args(argv))
+    return run_stage_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from utils import run_stage_from_args, stage_parser
 def main(argv=None):
     parser = stage_parser(__doc__.splitlines()[0], lr=2e-5, train_vision=False, train_projector=True,
                           train_llm=True, max_length=2048, batch_size=8)
-    run_stage_from_args(parser.parse_args(argv))
+    return run_stage_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

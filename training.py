@@ -173,14 +173,18 @@ def loaded(flag: str, source: str, load):
 
 
 def quantization_config(args) -> dict:
-    """k-bit loading of the frozen LLM (QLoRA). bitsandbytes needs a CUDA GPU: say so before any work starts."""
+    """k-bit loading of the frozen LLM (QLoRA), with bitsandbytes. What cannot work stops here, before any work."""
     if not (args.load_in_4bit or args.load_in_8bit):
         return {}
-    if not torch.cuda.is_available():
-        raise SystemExit("--load_in_4bit / --load_in_8bit quantize the LLM with bitsandbytes, which needs a CUDA "
-                         "GPU; none is visible here. Use --lora without k-bit loading on this machine.")
+    if args.preset:
+        raise SystemExit("--load_in_4bit / --load_in_8bit quantize a pretrained LLM as it loads; a --preset model "
+                         "is built with random weights and would train unquantized: give --llm_model or --model_path")
     if not args.lora:
         raise SystemExit("k-bit weights cannot be trained directly: add --lora (QLoRA)")
+    try:
+        import bitsandbytes  # noqa: F401  (0.48 and later run on the CPU too)
+    except ImportError:
+        raise SystemExit("--load_in_4bit / --load_in_8bit need bitsandbytes: pip install bitsandbytes") from None
     from transformers import BitsAndBytesConfig
 
     return {"quantization_config": BitsAndBytesConfig(

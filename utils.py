@@ -110,13 +110,14 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     return parser
 
 
-def run_stage_from_args(args, **stage) -> None:
-    """Run the stage; a problem with the user's data ends in one line naming file, sample and problem, exit 1."""
+def run_stage_from_args(args, **stage):
+    """Run the stage and return its trained model; a problem with the user's data ends in one line naming file,
+    sample and problem, exit 1."""
     from data import DataError
     from training import run_stage
 
     try:
-        run_stage(args, **stage)
+        return run_stage(args, **stage)
     except DataError as error:
         # Raised in a loader worker, the message arrives wrapped in the worker's traceback; its last line is ours.
         raise SystemExit("error: " + str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
