@@ -98,19 +98,31 @@ class Sample:
 
 
 def load_records(path: str):
-    """A `datasets.Dataset` from LLaVA JSON/JSONL, parquet, or a folder written by `Dataset.save_to_disk`."""
+    """A `datasets.Dataset` from LLaVA JSON/JSONL, parquet, a folder written by `Dataset.save_to_disk`, or a folder
+    of parquet files as `hf download` leaves a Hub dataset (RLAIF-V), read in name order."""
     import datasets
 
     if not os.path.exists(path):
         raise DataError(f"{path}: data file not found")
     if os.path.isdir(path):
-        return datasets.load_from_disk(path)
+        if os.path.exists(os.path.join(path, "dataset_info.json")) or os.path.exists(os.path.join(path, "state.json")):
+            return datasets.load_from_disk(path)
+        parquet = sorted(os.path.join(folder, name) for folder, subfolders, names in os.walk(path)
+                         for name in names if name.endswith(".parquet") and not _hidden(folder, path))
+        if not parquet:
+            raise DataError(f"{path}: a folder with neither a saved dataset (Dataset.save_to_disk) nor .parquet files")
+        return datasets.Dataset.from_parquet(parquet)
     if path.endswith(".parquet"):
         return datasets.Dataset.from_parquet(path)
     if path.endswith((".json", ".jsonl")):
         _check_json_syntax(path)
         return datasets.Dataset.from_json(path)
     raise DataError(f"{path}: unknown data format (expected .json, .jsonl, .parquet or a saved datasets folder)")
+
+
+def _hidden(folder: str, root: str) -> bool:
+    """Inside a dot-folder below root (`hf download --local-dir` keeps its .cache/ there)."""
+    return any(part.startswith(".") for part in os.path.relpath(folder, root).split(os.sep) if part != ".")
 
 
 def _check_json_syntax(path: str) -> None:

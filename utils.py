@@ -35,7 +35,8 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--data_path", nargs="+", required=True,
-                      help="LLaVA JSON/JSONL, parquet, or saved datasets folders (several are concatenated)")
+                      help="LLaVA JSON/JSONL, parquet, folders of parquet files (a downloaded Hub dataset) or "
+                           "save_to_disk folders; several are concatenated")
     data.add_argument("--image_dir", default=None, help="folder that the records' image paths are relative to")
     data.add_argument("--max_length", type=int, default=2048,
                       help="longest sample in tokens, image tokens included; longer ones are errors (never cut)")

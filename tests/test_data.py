@@ -142,11 +142,19 @@ def test_llava_json_jsonl_parquet_and_saved_dataset_encode_identically(tmp_path,
          if "image" in r else None} for r in records]).cast_column("image", datasets.Image())
     embedded.to_parquet(str(tmp_path / "data.parquet"))
     embedded.save_to_disk(str(tmp_path / "saved"))
+    # A Hub dataset as `hf download --local-dir` leaves it (RLAIF-V): parquet shards, a README, its .cache/.
+    hub = tmp_path / "hub"
+    (hub / ".cache" / "huggingface").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n")
+    embedded.select(range(3)).to_parquet(str(hub / "part_000.parquet"))
+    embedded.select(range(3, 5)).to_parquet(str(hub / "part_001.parquet"))
+    embedded.select(range(2)).to_parquet(str(hub / ".cache" / "huggingface" / "stale.parquet"))
 
     reference = ConversationDataset([path], processor, image_dir)
     for other in (ConversationDataset([str(jsonl)], processor, image_dir),
                   ConversationDataset([str(tmp_path / "data.parquet")], processor),
-                  ConversationDataset([str(tmp_path / "saved")], processor)):
+                  ConversationDataset([str(tmp_path / "saved")], processor),
+                  ConversationDataset([str(hub)], processor)):
         assert len(other) == len(reference) == 5
         for i in range(5):
             a, b = reference[i], other[i]
