@@ -360,7 +360,9 @@ class VLM(PreTrainedModel, GenerationMixin):
         from data import ensure_chat_tokens
 
         if ensure_chat_tokens(tokenizer, self.config.image_token):
-            self.language_model.resize_token_embeddings(len(tokenizer))
+            # New rows start at the old rows' mean; parameters on the meta device (data checks) have no values.
+            on_meta = self.language_model.get_input_embeddings().weight.is_meta
+            self.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=not on_meta)
         self.config.image_token_id = tokenizer.convert_tokens_to_ids(self.config.image_token)
         # The geometry follows what the processor really produces, not what the tower's config declares.
         self.config.image_size = processed_image_size(image_processor)
@@ -576,13 +578,29 @@ AutoModel.register(VLMConfig, VLM)
 
 
 # ==================================================================== three ways to build a VLM
+def vision_config_of(name_or_path: str) -> PreTrainedConfig:
+    """The vision tower's config of a hub id or folder: the vision half of a two-tower one (SigLIP, CLIP)."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    return getattr(config, "vision_config", config)
+
+
 def load_vision_tower(name_or_path: str, **kwargs) -> PreTrainedModel:
     """A vision tower from a hub id or folder. For two-tower checkpoints (SigLIP, CLIP) only the vision half loads."""
-    config = AutoConfig.from_pretrained(name_or_path)
-    vision_config = getattr(config, "vision_config", config)
+    vision_config = vision_config_of(name_or_path)
     if hasattr(vision_config, "vision_use_head"):  # SigLIP's pooling head: unused here, so not loaded
         kwargs["vision_use_head"] = False
     return MODEL_MAPPING[type(vision_config)].from_pretrained(name_or_path, **kwargs)
+
+
+def image_processor_of(name_or_path: str, image_size: int | None = None):
+    """The tower's image processor; with image_size, set to make that square instead of its own size."""
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    if image_size:
+        square = {"height": image_size, "width": image_size}
+        image_processor.size = square
+        if getattr(image_processor, "crop_size", None):
+            image_processor.crop_size = square
+    return image_processor
 
 
 def vlm_from_components(vision_model: str = DEFAULT_VISION_MODEL, llm_model: str = DEFAULT_LLM,
@@ -597,13 +615,25 @@ def vlm_from_components(vision_model: str = DEFAULT_VISION_MODEL, llm_model: str
     model = VLM(config, vision_model=vision, language_model=language)
     if not llm_kwargs:  # a quantized LLM keeps its k-bit weights
         model = model.to(dtype)
-    image_processor = AutoImageProcessor.from_pretrained(vision_model)
-    if image_size:
-        square = {"height": image_size, "width": image_size}
-        image_processor.size = square
-        if getattr(image_processor, "crop_size", None):
-            image_processor.crop_size = square
-    return model.attach_processors(AutoTokenizer.from_pretrained(llm_model), image_processor)
+    return model.attach_processors(AutoTokenizer.from_pretrained(llm_model), image_processor_of(vision_model, image_size))
+
+
+def vlm_without_weights(model_path: str | None = None, vision_model: str = DEFAULT_VISION_MODEL,
+                        llm_model: str = DEFAULT_LLM, image_size: int | None = None) -> VLM:
+    """A VLM checkpoint's, or two components', configs, tokenizer and image processor around parameters on the meta
+    device: everything checking data needs (geometry, chat template, image tokens), read in a second and no weights
+    loaded, whatever the model's size."""
+    if model_path:
+        config = VLMConfig.from_pretrained(model_path)
+        tokenizer, image_processor = AutoTokenizer.from_pretrained(model_path), image_processor_of(model_path)
+    else:
+        config = VLMConfig(vision_config=vision_config_of(vision_model),
+                           text_config=AutoConfig.from_pretrained(llm_model))
+        tokenizer, image_processor = AutoTokenizer.from_pretrained(llm_model), image_processor_of(vision_model,
+                                                                                                  image_size)
+    with torch.device("meta"):
+        model = VLM(config)
+    return model.attach_processors(tokenizer, image_processor)
 
 
 def vlm_from_configs(vision_config: PreTrainedConfig, text_config: PreTrainedConfig, tokenizer, image_processor,

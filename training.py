@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
 from data import ConversationDataset, VLMProcessor, check_data, collate, make_tokenizer, parse_record
-from model import IGNORE_INDEX, VLM, vlm_from_components, vlm_from_preset
+from model import IGNORE_INDEX, VLM, vlm_from_components, vlm_from_preset, vlm_without_weights
 
 MODULE_PREFIXES = {"vision": "vision_model.", "projector": "projector.", "llm": "language_model."}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -125,9 +125,15 @@ def seed_everything(seed: int) -> None:
 
 
 # ==================================================================== model, trainable modules, optimizer
-def build_model(args, tokenizer_texts=None) -> VLM:
+def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
     """From a VLM checkpoint (--model_path), a named preset (--preset), or two pretrained components; then LoRA
-    adapters when asked for and not already there."""
+    adapters when asked for and not already there. Without weights (--check_data), a checkpoint or components give
+    their configs and processors only, their parameters on the meta device."""
+    if not weights and not args.preset:
+        where = "--model_path" if args.model_path else "--vision_model / --llm_model"
+        return loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
+                      lambda: vlm_without_weights(args.model_path, args.vision_model, args.llm_model,
+                                                  args.image_size))
     quantization = quantization_config(args)
     if args.model_path:
         model = loaded("--model_path", args.model_path, lambda: VLM.from_pretrained(args.model_path, **quantization))
@@ -716,12 +722,13 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
     torch.set_float32_matmul_precision("high")
     if runtime.is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-    model = build_model(args, tokenizer_texts=lambda: training_texts(args.data_path))
+    texts = partial(training_texts, args.data_path)  # a preset learns its tokenizer from them
+    if args.check_data:  # the tokenizer, image processor and geometry: no weights are loaded
+        model = build_model(args, tokenizer_texts=texts, weights=False)
+        return report_data_check(build_dataset(args, VLMProcessor.from_model(model, args.max_length), validate=False))
+    model = build_model(args, tokenizer_texts=texts)
     set_trainable(model, args.train_vision, args.train_projector, args.train_llm)
-    processor = VLMProcessor.from_model(model, args.max_length)
-    if args.check_data:
-        return report_data_check(build_dataset(args, processor, validate=False))
-    dataset = build_dataset(args, processor)
+    dataset = build_dataset(args, VLMProcessor.from_model(model, args.max_length))
     if args.cache_vision_features:
         attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args, autocast_for(args, runtime))
     if runtime.is_main:

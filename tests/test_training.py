@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, tiny_vlm, write_llava_json
+from conftest import CORPUS, ROOT, tiny_vlm, write_llava_json
 from safetensors.torch import load_file
 
 import pretrain_train
 import sft_train
-from data import VLMProcessor, collate
+from data import VLMProcessor, collate, make_tokenizer, parse_record
 from model import VLM
 from training import LanguageModelingObjective, list_checkpoints, run_stage
 
@@ -388,6 +388,32 @@ def test_check_data_reports_and_fails_on_bad_samples(tmp_path, data, capsys):
     summary = json.loads(out.strip().splitlines()[-1])
     assert (summary["samples"], summary["ok"], summary["bad"]) == (16, 15, 1)
     assert not (tmp_path / "check" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "components"])
+def test_check_data_loads_no_weights(tmp_path, toy_tokenizer, data, capsys, source):
+    """--check_data needs the tokenizer, the image processor and the geometry, never the weights: here there are
+    none to load (the weight files are deleted), and it still checks every sample with the true token counts."""
+    model = tiny_vlm(toy_tokenizer)
+    if source == "checkpoint":
+        model.save_pretrained(tmp_path / "model")
+        flags = ["--model_path", str(tmp_path / "model")]
+    else:
+        model.vision_model.save_pretrained(tmp_path / "vision")
+        model.image_processor.save_pretrained(tmp_path / "vision")
+        model.language_model.save_pretrained(tmp_path / "llm")
+        # An LLM's own tokenizer lacks the image token: the skeleton's embeddings grow without any values.
+        make_tokenizer(CORPUS * 4, vocab_size=300, image_token="<|vision_pad|>").save_pretrained(tmp_path / "llm")
+        flags = ["--vision_model", str(tmp_path / "vision"), "--llm_model", str(tmp_path / "llm")]
+    for weights in tmp_path.glob("*/model.safetensors"):
+        weights.unlink()
+    sft_train.main(common_args(data, tmp_path / "check", "--check_data", *flags))
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["samples"], summary["ok"], summary["bad"]) == (16, 16, 0)
+    processor = VLMProcessor.from_model(model)
+    records = json.load(open(data[0]))
+    longest = max(len(processor.encode_chat(parse_record(r, "").messages)["input_ids"]) for r in records)
+    assert summary["tokens_max"] == longest
 
 
 @pytest.mark.parametrize("script", ["pretrain_train.py", "sft_train.py"])
