@@ -181,7 +181,10 @@ class DPOObjective:
 def build_parser():
     parser = stage_parser(__doc__.splitlines()[0], lr=1e-6, train_vision=False, train_projector=None,
                           train_llm=True, max_length=2048, batch_size=8, warmup_ratio=0.1,
-                          merge_loaded_adapters=True)
+                          merge_loaded_adapters=True,
+                          # Pairs share one image encoding and sit in rows of their own: no packing, and the
+                          # chosen/rejected collate reads pixels, not cached features.
+                          without=("--packing", "--cache_vision_features"))
     dpo = parser.add_argument_group("DPO")
     dpo.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
     dpo.add_argument("--label_smoothing", type=float, default=0.0,
@@ -201,8 +204,6 @@ def parse_args(argv=None):
         args.train_projector = not args.lora
     if args.model_path is None and args.preset is None:
         parser.error("DPO starts from a trained model: give --model_path (an SFT checkpoint)")
-    if args.packing:
-        parser.error("--packing is for pretrain and SFT; DPO batches pair rows that share an image")
     return args
 
 

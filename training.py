@@ -64,6 +64,13 @@ def setup_runtime(device: str | None = None) -> Runtime:
         target = torch.device(device or "cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+    if rank != 0:  # one voice: the libraries' loading reports and progress bars on rank 0 only
+        import datasets
+        import transformers
+
+        for library in (transformers, datasets):
+            library.logging.set_verbosity_error()
+            library.logging.disable_progress_bar()
     return Runtime(rank, local_rank, world_size, target)
 
 
@@ -728,7 +735,8 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
         return report_data_check(build_dataset(args, VLMProcessor.from_model(model, args.max_length), validate=False))
     model = build_model(args, tokenizer_texts=texts)
     set_trainable(model, args.train_vision, args.train_projector, args.train_llm)
-    dataset = build_dataset(args, VLMProcessor.from_model(model, args.max_length))
+    processor = VLMProcessor.from_model(model, args.max_length)
+    dataset = build_dataset(args, processor)
     if args.cache_vision_features:
         attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args, autocast_for(args, runtime))
     if runtime.is_main:

@@ -14,11 +14,19 @@ DEFAULT_VISION_MODEL = "google/siglip-so400m-patch14-384"
 DEFAULT_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
-def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
-    """The flags every stage shares; a stage passes its own defaults (learning rate, what trains, ...)."""
+def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) -> argparse.ArgumentParser:
+    """The flags every stage shares; a stage passes its own defaults (learning rate, what trains, ...) and the
+    shared flags it cannot honour (`without`: left out of its --help and refused, their values fixed at the
+    default)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     on_off = argparse.BooleanOptionalAction
+
+    def optional(group, flag: str, **kwargs) -> None:
+        if flag in without:
+            parser.set_defaults(**{flag.lstrip("-"): kwargs.get("default")})
+        else:
+            group.add_argument(flag, **kwargs)
 
     model = parser.add_argument_group("model (give one of --model_path, --preset, or the two components)")
     model.add_argument("--model_path", default=None, help="a VLM checkpoint folder to start from")
@@ -45,15 +53,15 @@ def stage_parser(description: str, **defaults) -> argparse.ArgumentParser:
     data.add_argument("--skip_bad_samples", action="store_true",
                       help="drop and count unusable samples instead of stopping at the first")
     data.add_argument("--num_workers", type=int, default=2, help="dataloader worker processes per rank")
-    data.add_argument("--packing", action="store_true",
-                      help="pack each batch's samples into rows of up to --max_length tokens (no padding between "
-                           "them, no attention across them); pretrain and SFT")
+    optional(data, "--packing", action="store_true", default=False,
+             help="pack each batch's samples into rows of up to --max_length tokens (no padding between them, no "
+                  "attention across them)")
     data.add_argument("--group_by_length", action="store_true",
                       help="batch samples of similar length together (less padding; order still shuffled per "
                            "epoch in groups of 64 batches)")
-    data.add_argument("--cache_vision_features", default=None, metavar="DIR",
-                      help="frozen tower only: encode every image once (fp16 on disk, memory-mapped) and train "
-                           "from the cache in every epoch; reused while the tower and data are unchanged")
+    optional(data, "--cache_vision_features", default=None, metavar="DIR",
+             help="frozen tower only: encode every image once (fp16 on disk, memory-mapped) and train from the "
+                  "cache in every epoch; reused while the tower and data are unchanged")
 
     train = parser.add_argument_group("optimisation")
     train.add_argument("--output_dir", required=True, help="checkpoints, log.jsonl and the final model go here")

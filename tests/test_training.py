@@ -103,17 +103,25 @@ def text_only_for_rank_one_first(n=16, seed=42, batch_size=2):
     return set(order[1::2][:batch_size])
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
+def test_two_process_gloo_equals_one_process(tmp_path, toy_tokenizer):
     # Rank 1's first batch is text-only: the vision pass with weight zero must keep DDP from hanging.
     data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
+    tiny_vlm(toy_tokenizer).save_pretrained(tmp_path / "start")  # loaded, so that loading reports print
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = ["--preset", "tiny", "--max_steps", "4", "--save_steps", "0"]
+    steps = ["--model_path", str(tmp_path / "start"), "--max_steps", "4", "--save_steps", "0"]
     steps.append("--train_vision")  # the tower's gradients must reduce too, text-only batch or not
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    logs = tmp_path / "rank_logs"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--log_dir",
+                          str(logs), "--redirects", "3", "--tee", "3",
                           os.path.join(ROOT, "sft_train.py"), *common_args(data, tmp_path / "two", *steps),
                           "--batch_size", "2"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es) x batch 2" in two.stdout
+    # Only rank 0 reports: the model summary, progress bars, and transformers' and datasets' loading output.
+    printed = {rank: "".join(path.read_text() for path in sorted(logs.glob(f"*/attempt_0/{rank}/std*.log")))
+               for rank in (0, 1)}
+    for text in ("Loading weights", "Generating train split", "model: vision", "precision:", "train:"):
+        assert text in printed[0] and text not in printed[1], text
     one = subprocess.run([sys.executable, os.path.join(ROOT, "sft_train.py"),
                           *common_args(data, tmp_path / "one", *steps), "--batch_size", "4"],
                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -422,6 +430,21 @@ def test_help_works_without_loading_torch(script):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--grad_accum" in result.stdout and "--check_data" in result.stdout
     assert " torch" not in result.stderr and "transformers" not in result.stderr
+
+
+def test_dpo_help_lists_only_flags_dpo_accepts(capsys):
+    """Packing and cached vision features do not fit preference pairs: DPO neither lists nor takes them."""
+    import dpo_train
+
+    for main, takes in ((sft_train.main, True), (dpo_train.main, False)):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        listed = capsys.readouterr().out
+        for flag in ("--packing", "--cache_vision_features"):
+            assert (flag in listed) == takes, (main, flag)
+    with pytest.raises(SystemExit):
+        dpo_train.parse_args(["--model_path", "m", "--data_path", "d", "--output_dir", "o", "--packing"])
+    assert "unrecognized arguments: --packing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("launcher", ["pretrain.sh", "sft.sh", "sft_lora.sh", "sft_fsdp.sh", "dpo.sh"])
