@@ -657,22 +657,45 @@ class FeatureCache:
 
 
 def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, args, autocast) -> None:
-    """Encode every image once with the frozen tower (main process; the others wait) unless a cache of the same
-    tower and data is already there, then let the dataset serve features instead of decoding images."""
+    """Encode every image once with the frozen tower, each rank a contiguous share of the samples, unless a cache of
+    the same tower and data is already there; then let the dataset serve features instead of decoding images.
+    (Under torchrun the cache folder must be one filesystem for all ranks, like the checkpoints.)"""
     if any(p.requires_grad for p in model.vision_model.parameters()):
         raise ValueError("--cache_vision_features needs a frozen vision tower: its features must not change")
     offsets = [0]
     for position in range(len(dataset)):
         offsets.append(offsets[-1] + len(dataset.sample(position).images))
     path, meta_path = os.path.join(cache_dir, "features.npy"), os.path.join(cache_dir, "meta.json")
-    if runtime.is_main:  # only the writer needs the fingerprint: hashing the tower is not free
+    decision = [None]
+    if runtime.is_main:  # hashing the tower is not free: rank 0 decides and tells the others
         fingerprint = cache_fingerprint(model, dataset)
-        if os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint:
+        reuse = os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint
+        decision = [(fingerprint, reuse)]
+    if runtime.distributed:
+        dist.broadcast_object_list(decision, src=0)
+    fingerprint, reuse = decision[0]
+    if reuse:
+        if runtime.is_main:
             print(f"using the cached vision features in {cache_dir}")
-        else:
-            write_feature_cache(model, dataset, path, offsets, runtime, args, autocast)
+    else:
+        shape = (offsets[-1], model.config.num_image_tokens, model.config.vision_config.hidden_size)
+        temporary = path + ".tmp.npy"
+        if runtime.is_main:
+            os.makedirs(cache_dir, exist_ok=True)
+            np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16, shape=shape).flush()
+        barrier(runtime)
+        share = math.ceil(len(dataset) / runtime.world_size)
+        first = min(len(dataset), runtime.rank * share)
+        positions = range(first, min(len(dataset), first + share))
+        write_feature_cache(model, dataset, temporary, positions, offsets, runtime, args, autocast)
+        counts = torch.zeros(runtime.world_size, dtype=torch.long, device=runtime.device)
+        counts[runtime.rank] = offsets[positions.stop] - offsets[positions.start]
+        all_reduce_sum(counts, runtime)
+        if runtime.is_main:
+            os.replace(temporary, path)
             with open(meta_path + ".tmp", "w") as f:
-                json.dump({"fingerprint": fingerprint, "images": offsets[-1]}, f)
+                json.dump({"fingerprint": fingerprint, "images": offsets[-1],
+                           "images_per_rank": counts.tolist()}, f)
             os.replace(meta_path + ".tmp", meta_path)
     barrier(runtime)
     dataset.feature_cache = FeatureCache(path, offsets)
@@ -690,23 +713,22 @@ def cache_fingerprint(model: VLM, dataset) -> str:
     return digest.hexdigest()
 
 
-def write_feature_cache(model: VLM, dataset, path: str, offsets: list[int], runtime: Runtime, args, autocast):
-    shape = (offsets[-1], model.config.num_image_tokens, model.config.vision_config.hidden_size)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    array = np.lib.format.open_memmap(path + ".tmp.npy", mode="w+", dtype=np.float16, shape=shape)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=partial(collate, pad_token_id=0))
+def write_feature_cache(model: VLM, dataset, path: str, positions: range, offsets: list[int], runtime: Runtime,
+                        args, autocast) -> None:
+    """Encode the images of dataset[positions] into their rows of the (preallocated) cache file."""
+    array = np.load(path, mmap_mode="r+")
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, positions), batch_size=args.batch_size,
+                                         num_workers=args.num_workers, collate_fn=partial(collate, pad_token_id=0))
     model.to(runtime.device).eval()
-    row = 0
+    row = offsets[positions.start]
     with torch.no_grad(), autocast:
-        for batch in tqdm(loader, desc="caching vision features"):
+        for batch in tqdm(loader, desc="caching vision features", disable=not runtime.is_main):
             if batch["pixel_values"] is not None:
                 features = model.vision_features(batch["pixel_values"].to(runtime.device))
                 array[row:row + len(features)] = features.to(torch.float16).cpu().numpy()
                 row += len(features)
     array.flush()
     del array
-    os.replace(path + ".tmp.npy", path)
 
 
 # ==================================================================== a whole stage

@@ -507,6 +507,29 @@ def test_fsdp2_with_gloo_equals_ddp_and_its_checkpoints_resume_and_load(tmp_path
     assert model.tokenizer is not None and isinstance(model.chat(image, "Hi?", max_new_tokens=2), str)
 
 
+def test_two_ranks_share_the_feature_encoding(tmp_path, data, toy_tokenizer):
+    """Under torchrun each rank encodes its share of the images into the one cache; the result equals a single
+    process's cache."""
+    import numpy as np
+
+    start = tmp_path / "start"
+    tiny_vlm(toy_tokenizer).save_pretrained(start)
+    steps = ["--model_path", str(start), "--max_steps", "1", "--save_steps", "0", "--batch_size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "pretrain_train.py"),
+                          *common_args(data, tmp_path / "two", *steps, "--cache_vision_features",
+                                       str(tmp_path / "cache2"))],
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    pretrain_train.main(common_args(data, tmp_path / "one", *steps, "--cache_vision_features",
+                                    str(tmp_path / "cache1")))
+    meta = json.load(open(tmp_path / "cache2" / "meta.json"))
+    assert meta["images_per_rank"] == [7, 8]  # samples 0-7 (one text-only) and 8-15
+    shared, alone = (np.load(tmp_path / name / "features.npy") for name in ("cache2", "cache1"))
+    assert shared.shape == alone.shape and np.allclose(shared, alone, atol=1e-3)
+
+
 def test_cached_vision_features_give_the_same_losses_and_are_reused(tmp_path, data, toy_tokenizer, capsys):
     start = tmp_path / "start"
     tiny_vlm(toy_tokenizer).save_pretrained(start)
