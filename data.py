@@ -11,12 +11,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from model import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
 
@@ -392,38 +395,82 @@ class VLMProcessor:
 
 
 # ==================================================================== dataset and collate
-class ConversationDataset(torch.utils.data.Dataset):
-    """Records from one or more files, validated up front (structure, image files present) and encoded lazily.
+@dataclass
+class ScanPlan:
+    """How the start-up scan of a dataset is shared out. This process checks every world_size-th sample from its
+    rank on, in `workers` loader processes; `gather` joins every process's results (an all-gather under torchrun);
+    the result is kept in the file `cache` for these data files, so that a resume reads it instead of scanning."""
+    rank: int = 0
+    world_size: int = 1
+    workers: int = 0
+    gather: Callable[[list], list] | None = None
+    cache: str | None = None
 
-    With skip_bad_samples every sample is fully encoded once at start-up (in `scan_workers` processes) and the
-    failures are dropped and counted; otherwise the first problem stops the run with a message naming the file and
-    sample."""
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Records from one or more files, validated up front and encoded lazily.
+
+    The start-up scan parses every record and checks that its image files exist (no decoding: ~30 us a sample),
+    shared over ranks and workers (see ScanPlan). A problem stops the run with a message naming file and sample;
+    with skip_bad_samples such samples are dropped and counted instead, and so is any sample that fails later, when
+    a batch encodes it (an undecodable image, too many tokens): it leaves its batch, which is never refilled with
+    another sample."""
 
     def __init__(self, paths: list[str], processor: VLMProcessor, image_dir: str | None = None,
-                 skip_bad_samples: bool = False, validate: bool = True, parse=parse_record, scan_workers: int = 0):
+                 skip_bad_samples: bool = False, validate: bool = True, parse=parse_record,
+                 scan: ScanPlan | None = None):
         self.processor, self.image_dir, self.parse = processor, image_dir, parse
-        self.scan_workers = scan_workers
+        self.skip_bad_samples, self.scan = skip_bad_samples, scan or ScanPlan()
         self.tables = [(path, load_records(path)) for path in paths]
         self.index = [(t, i) for t, (_, table) in enumerate(self.tables) for i in range(len(table))]
         self.lengths = None  # length estimates, filled by the structural scan (which parses every record anyway)
+        self.unusable: set[int] = set()  # positions found bad after the scan (stage-1 feature caching)
         if not validate:  # check_data() reports every problem itself
             return
-        structure = self.check_all(check_structure_only=True)
+        structure = self.structure_scan()
         problems = _problems(structure)
         if problems and not skip_bad_samples:
             raise DataError(_problem_report(problems, len(self.index)))
         self.lengths = [r.get("length") for r in structure]
-        if skip_bad_samples:
-            problems = _problems(self.check_all(check_structure_only=False))
+        self.skipped = problems
+        if problems:
             bad = {position for position, _ in problems}
             self.index = [entry for position, entry in enumerate(self.index) if position not in bad]
             self.lengths = [length for position, length in enumerate(self.lengths) if position not in bad]
-            self.skipped = problems
-            if problems:
+            if self.scan.rank == 0:
                 print(f"skipping {len(problems)} bad samples of {len(self.index) + len(problems)}; first: "
                       f"{problems[0][1]}")
         if not self.index:
             raise DataError(f"no usable samples in {', '.join(paths)}")
+
+    def structure_scan(self) -> list[dict]:
+        """Every sample's structural check, in position order: from the cache when it was made for these data
+        files, else shared over the plan's processes and workers."""
+        plan, key = self.scan, self.fingerprint()
+        if plan.cache and os.path.exists(plan.cache):
+            with open(plan.cache) as f:
+                cached = json.load(f)
+            if cached.get("key") == key:
+                return [{"position": p, "error": e, "length": n} for p, (e, n) in enumerate(cached["samples"])]
+        results = self.check_all(True, range(plan.rank, len(self.index), plan.world_size), plan.workers,
+                                 progress=plan.rank == 0)
+        if plan.gather is not None:
+            results = plan.gather(results)
+        results.sort(key=lambda r: r["position"])
+        if plan.cache and plan.rank == 0:
+            os.makedirs(os.path.dirname(plan.cache) or ".", exist_ok=True)
+            with open(plan.cache + ".tmp", "w") as f:
+                json.dump({"key": key, "samples": [(r["error"], r.get("length")) for r in results]}, f)
+            os.replace(plan.cache + ".tmp", plan.cache)
+        return results
+
+    def fingerprint(self) -> str:
+        """What the structural scan's result depends on: the data files (path, size, time), the image folder, the
+        record format and the image token count in the length estimates."""
+        files = [(path, os.path.getsize(path), os.path.getmtime(path)) if os.path.isfile(path) else
+                 (path, sorted((name, os.path.getsize(os.path.join(path, name))) for name in os.listdir(path)))
+                 for path, _ in self.tables]
+        return json.dumps([files, self.image_dir, self.parse.__name__, self.processor.num_image_tokens])
 
     def sample(self, position: int) -> Sample:
         table_index, row = self.index[position]
@@ -446,19 +493,31 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     feature_cache = None  # set by training.attach_feature_cache: stage-1 tower outputs, one row per image
 
-    def __getitem__(self, position: int) -> dict:
-        if self.feature_cache is None:
-            return self.processor.encode_sample(self.sample(position), self.image_dir)
-        item = self.processor.encode_sample(self.sample(position), self.image_dir, decode_images=False)
-        item["vision_features"] = self.feature_cache.features(position)
-        return item
+    def __getitem__(self, position: int) -> dict | None:
+        """The encoded sample; None for one that cannot be used when skip_bad_samples is on (collate drops it)."""
+        try:
+            if position in self.unusable:
+                raise DataError(f"{self.sample(position).where}: its images could not be encoded for the cache")
+            if self.feature_cache is None:
+                return self.processor.encode_sample(self.sample(position), self.image_dir)
+            item = self.processor.encode_sample(self.sample(position), self.image_dir, decode_images=False)
+            item["vision_features"] = self.feature_cache.features(position)
+            return item
+        except DataError as error:
+            if not self.skip_bad_samples:
+                raise
+            print(f"skipping a bad sample: {error}", file=sys.stderr)
+            return None
 
-    def check_all(self, check_structure_only: bool) -> list[dict]:
-        """check() of every sample, run by `scan_workers` dataloader workers: a full check decodes every image."""
-        loader = torch.utils.data.DataLoader(_Checks(self, check_structure_only), batch_size=64,
-                                             num_workers=0 if check_structure_only else self.scan_workers,
-                                             collate_fn=list)
-        return [result for batch in loader for result in batch]
+    def check_all(self, check_structure_only: bool, positions=None, workers: int = 0,
+                  progress: bool = False) -> list[dict]:
+        """check() of the samples at `positions` (all by default), in `workers` loader processes."""
+        positions = range(len(self)) if positions is None else positions
+        loader = torch.utils.data.DataLoader(_Checks(self, check_structure_only, positions), batch_size=256,
+                                             num_workers=workers, collate_fn=list)
+        bar = tqdm(loader, desc="checking samples" if check_structure_only else "checking samples (decoding)",
+                   unit="batch", disable=not progress)
+        return [result for batch in bar for result in batch]
 
     def check(self, position: int, check_structure_only: bool) -> dict:
         """What checking one sample finds: its error, or its token, reply and image counts."""
@@ -482,16 +541,36 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 class _Checks(torch.utils.data.Dataset):
-    """Position -> what checking that sample found, so that dataloader workers can check in parallel."""
+    """i -> what checking the sample at positions[i] found, so that dataloader workers can check in parallel."""
 
-    def __init__(self, dataset: ConversationDataset, check_structure_only: bool):
-        self.dataset, self.check_structure_only = dataset, check_structure_only
+    def __init__(self, dataset: ConversationDataset, check_structure_only: bool, positions):
+        self.dataset, self.check_structure_only, self.positions = dataset, check_structure_only, positions
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.positions)
 
-    def __getitem__(self, position: int) -> dict:
-        return self.dataset.check(position, self.check_structure_only)
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset.check(self.positions[i], self.check_structure_only)
+
+
+class Positioned(torch.utils.data.Dataset):
+    """(p, dataset[p]) for p in positions: for passes that put each sample's result back in its place, when skipped
+    samples leave gaps in a batch (stage-1 feature caching, DPO's reference log-probs)."""
+
+    def __init__(self, dataset, positions):
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[int, dict | None]:
+        return self.positions[i], self.dataset[self.positions[i]]
+
+
+def collate_positioned(items: list[tuple[int, dict | None]], collate_fn) -> tuple[list[int], dict | None]:
+    """The positions of the usable samples and their batch."""
+    kept = [(position, sample) for position, sample in items if sample is not None]
+    return [position for position, _ in kept], collate_fn([sample for _, sample in kept])
 
 
 def _problems(results: list[dict]) -> list[tuple[int, str]]:
@@ -513,9 +592,13 @@ def _problem_report(problems: list[tuple[int, str]], total: int, shown: int = 10
 PAD_MULTIPLE = 32
 
 
-def collate(samples: list[dict], pad_token_id: int, pack_length: int | None = None) -> dict:
+def collate(samples: list[dict | None], pad_token_id: int, pack_length: int | None = None) -> dict | None:
     """Right-pad a list of encoded samples; labels are -100 on padding, pixel_values of all images stacked.
-    With pack_length, consecutive samples share rows of up to that many tokens instead (see pack)."""
+    With pack_length, consecutive samples share rows of up to that many tokens instead (see pack). Skipped samples
+    (None) leave the batch; a batch with none left is None, and the loop moves on to the next."""
+    samples = [s for s in samples if s is not None]  # samples skipped as unusable (--skip_bad_samples)
+    if not samples:
+        return None
     if pack_length:
         return pack(samples, pad_token_id, pack_length)
     width = -(-max(len(s["input_ids"]) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
@@ -570,9 +653,10 @@ def pack(samples: list[dict], pad_token_id: int, pack_length: int) -> dict:
 
 
 # ==================================================================== --check_data
-def check_data(dataset: ConversationDataset) -> dict:
-    """Encode every sample (images decoded, tokens counted) and summarise; the caller prints it."""
-    results = dataset.check_all(check_structure_only=False)
+def check_data(dataset: ConversationDataset, workers: int = 0) -> dict:
+    """Encode every sample (images decoded, tokens counted; in `workers` processes) and summarise; the caller
+    prints it."""
+    results = dataset.check_all(False, workers=workers, progress=True)
     good = [r for r in results if not r["error"]]
     lengths = [r["tokens"] for r in good]
     return {

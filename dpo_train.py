@@ -61,12 +61,16 @@ def sequence_logps(model, batch: dict):
     return sums, supervised.sum(1)
 
 
-def collate_pairs(samples: list[dict], pad_token_id: int) -> dict:
-    """Chosen rows first, then rejected rows, one padded batch; each image once, indexed by both rows."""
+def collate_pairs(samples: list[dict | None], pad_token_id: int) -> dict | None:
+    """Chosen rows first, then rejected rows, one padded batch; each image once, indexed by both rows. Skipped
+    pairs (None) leave the batch; with none left it is None."""
     import torch
 
     from data import collate
 
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
     chosen = [{"input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": s["pixel_values"]}
               for s in samples]
     rejected = [{"input_ids": s["rejected_input_ids"], "labels": s["rejected_labels"]} for s in samples]
@@ -78,7 +82,7 @@ def collate_pairs(samples: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def build_preference_dataset(args, processor, validate: bool = True):
+def build_preference_dataset(args, processor, validate: bool = True, scan=None):
     from data import ConversationDataset, parse_preference_record
 
     class PreferenceDataset(ConversationDataset):
@@ -86,12 +90,12 @@ def build_preference_dataset(args, processor, validate: bool = True):
 
         def __getitem__(self, position):
             item = super().__getitem__(position)
-            if self.reference_logps is not None:
+            if item is not None and self.reference_logps is not None:
                 item["reference_logps"] = self.reference_logps[position]
             return item
 
     return PreferenceDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate,
-                             parse=parse_preference_record, scan_workers=args.num_workers)
+                             parse=parse_preference_record, scan=scan)
 
 
 class DPOObjective:
@@ -118,23 +122,27 @@ class DPOObjective:
         if not self.precompute:
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
             return
+        from functools import partial
+
         import torch
         from tqdm.auto import tqdm
 
+        from data import Positioned, collate_positioned
         from training import all_reduce_sum
 
         positions = list(range(runtime.rank, len(dataset), runtime.world_size))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, positions), batch_size=self.batch_size,
-                                             collate_fn=collate_fn, num_workers=self.num_workers)
+        loader = torch.utils.data.DataLoader(Positioned(dataset, positions), batch_size=self.batch_size,
+                                             collate_fn=partial(collate_positioned, collate_fn=collate_fn),
+                                             num_workers=self.num_workers)
         table = torch.zeros(len(dataset), 2, device=runtime.device)
-        values = []
         model.eval()
         with torch.no_grad(), autocast:
-            for batch in tqdm(loader, desc="reference log-probs", disable=not runtime.is_main):
+            for batch_positions, batch in tqdm(loader, desc="reference log-probs", disable=not runtime.is_main):
+                if batch is None:  # every pair of it skipped as unusable
+                    continue
                 batch = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 logps, _ = sequence_logps(model, batch)
-                values.append(torch.stack(logps.float().chunk(2), dim=1))
-        table[positions] = torch.cat(values)
+                table[batch_positions] = torch.stack(logps.float().chunk(2), dim=1)
         dataset.reference_logps = all_reduce_sum(table, runtime).cpu()
 
     @contextmanager

@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-from data import ConversationDataset, VLMProcessor, check_data, collate, make_tokenizer, parse_record
+from data import (ConversationDataset, Positioned, ScanPlan, VLMProcessor, check_data, collate, collate_positioned,
+                  make_tokenizer, parse_record)
 from model import IGNORE_INDEX, VLM, vlm_from_components, vlm_from_preset, vlm_without_weights
 
 MODULE_PREFIXES = {"vision": "vision_model.", "projector": "projector.", "llm": "language_model."}
@@ -364,7 +365,8 @@ class BatchStream:
             try:
                 batch = next(self._iterator)
                 self.batch_in_epoch += 1
-                return batch
+                if batch is not None:  # None: every sample of it was skipped as unusable
+                    return batch
             except StopIteration:
                 self.epoch, self.batch_in_epoch, self._iterator = self.epoch + 1, 0, None
 
@@ -687,17 +689,22 @@ def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, 
         share = math.ceil(len(dataset) / runtime.world_size)
         first = min(len(dataset), runtime.rank * share)
         positions = range(first, min(len(dataset), first + share))
-        write_feature_cache(model, dataset, temporary, positions, offsets, runtime, args, autocast)
+        unusable = write_feature_cache(model, dataset, temporary, positions, offsets, runtime, args, autocast)
         counts = torch.zeros(runtime.world_size, dtype=torch.long, device=runtime.device)
         counts[runtime.rank] = offsets[positions.stop] - offsets[positions.start]
         all_reduce_sum(counts, runtime)
+        everyone = [unusable]
+        if runtime.distributed:
+            everyone = [None] * runtime.world_size
+            dist.all_gather_object(everyone, unusable)
         if runtime.is_main:
             os.replace(temporary, path)
             with open(meta_path + ".tmp", "w") as f:
-                json.dump({"fingerprint": fingerprint, "images": offsets[-1],
-                           "images_per_rank": counts.tolist()}, f)
+                json.dump({"fingerprint": fingerprint, "images": offsets[-1], "images_per_rank": counts.tolist(),
+                           "unusable": sorted(p for part in everyone for p in part)}, f)
             os.replace(meta_path + ".tmp", meta_path)
     barrier(runtime)
+    dataset.unusable = set(json.load(open(meta_path))["unusable"])
     dataset.feature_cache = FeatureCache(path, offsets)
 
 
@@ -714,27 +721,47 @@ def cache_fingerprint(model: VLM, dataset) -> str:
 
 
 def write_feature_cache(model: VLM, dataset, path: str, positions: range, offsets: list[int], runtime: Runtime,
-                        args, autocast) -> None:
-    """Encode the images of dataset[positions] into their rows of the (preallocated) cache file."""
+                        args, autocast) -> list[int]:
+    """Encode the images of dataset[positions] into their rows of the (preallocated) cache file; returns the
+    positions whose images could not be used (skipped samples: their rows stay empty and they never train)."""
     array = np.load(path, mmap_mode="r+")
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, positions), batch_size=args.batch_size,
-                                         num_workers=args.num_workers, collate_fn=partial(collate, pad_token_id=0))
+    loader = torch.utils.data.DataLoader(Positioned(dataset, positions), batch_size=args.batch_size,
+                                         num_workers=args.num_workers,
+                                         collate_fn=partial(collate_positioned,
+                                                            collate_fn=partial(collate, pad_token_id=0)))
     model.to(runtime.device).eval()
-    row = offsets[positions.start]
+    encoded = []
     with torch.no_grad(), autocast:
-        for batch in tqdm(loader, desc="caching vision features", disable=not runtime.is_main):
-            if batch["pixel_values"] is not None:
-                features = model.vision_features(batch["pixel_values"].to(runtime.device))
-                array[row:row + len(features)] = features.to(torch.float16).cpu().numpy()
-                row += len(features)
+        for batch_positions, batch in tqdm(loader, desc="caching vision features", disable=not runtime.is_main):
+            encoded += batch_positions
+            if batch is None or batch["pixel_values"] is None:
+                continue
+            features = model.vision_features(batch["pixel_values"].to(runtime.device)).to(torch.float16).cpu()
+            rows = [row for position in batch_positions for row in range(offsets[position], offsets[position + 1])]
+            array[rows] = features.numpy()
     array.flush()
     del array
+    return sorted(set(positions) - set(encoded))
 
 
 # ==================================================================== a whole stage
-def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = True) -> ConversationDataset:
-    return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate,
-                               scan_workers=args.num_workers)
+def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = True,
+                               scan: ScanPlan | None = None) -> ConversationDataset:
+    return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate, scan=scan)
+
+
+def scan_plan(args, runtime: Runtime) -> ScanPlan:
+    """The start-up scan shared over the ranks and their loader workers, its result kept in the output folder for
+    a resume (it is keyed by the data files, so changed data is scanned again)."""
+    def gather(results: list) -> list:
+        if not runtime.distributed:
+            return results
+        everyone = [None] * runtime.world_size
+        dist.all_gather_object(everyone, results)
+        return [result for part in everyone for result in part]
+
+    return ScanPlan(runtime.rank, runtime.world_size, args.num_workers, gather,
+                    os.path.join(args.output_dir, "data_scan.json"))
 
 
 def run_stage(args, build_dataset=build_conversation_dataset, objective=None, collate=collate) -> VLM | None:
@@ -754,11 +781,12 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
     texts = partial(training_texts, args.data_path)  # a preset learns its tokenizer from them
     if args.check_data:  # the tokenizer, image processor and geometry: no weights are loaded
         model = build_model(args, tokenizer_texts=texts, weights=False)
-        return report_data_check(build_dataset(args, VLMProcessor.from_model(model, args.max_length), validate=False))
+        dataset = build_dataset(args, VLMProcessor.from_model(model, args.max_length), validate=False)
+        return report_data_check(dataset, args.num_workers)
     model = build_model(args, tokenizer_texts=texts)
     set_trainable(model, args.train_vision, args.train_projector, args.train_llm)
     processor = VLMProcessor.from_model(model, args.max_length)
-    dataset = build_dataset(args, processor)
+    dataset = build_dataset(args, processor, scan=scan_plan(args, runtime))
     if args.cache_vision_features:
         attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args, autocast_for(args, runtime))
     if runtime.is_main:
@@ -797,8 +825,8 @@ def describe_run(model: VLM, dataset, runtime: Runtime, args) -> None:
     print(f"precision: {describe_precision(args.dtype, runtime.device)}")
 
 
-def report_data_check(dataset: ConversationDataset) -> None:
-    summary = check_data(dataset)
+def report_data_check(dataset: ConversationDataset, workers: int) -> None:
+    summary = check_data(dataset, workers)
     for message in summary["problems"][:20]:
         print(message)
     if len(summary["problems"]) > 20:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import conversation, draw_image, write_llava_json
 
-from data import (IMAGE_PLACEHOLDER, PAD_MULTIPLE, ConversationDataset, DataError, VLMProcessor, check_data, collate,
-                  parse_record)
+from data import (IMAGE_PLACEHOLDER, PAD_MULTIPLE, ConversationDataset, DataError, ScanPlan, VLMProcessor, check_data,
+                  collate, parse_record)
 from model import IGNORE_INDEX
 
 QWEN_IMAGE_PAD, QWEN_IM_END = 151655, 151645
@@ -231,15 +231,23 @@ def test_malformed_json_names_the_line(tmp_path, processor, name, text, where):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_skip_bad_samples_drops_and_counts(tmp_path, processor, workers):
+def test_skip_bad_samples_drops_and_counts(tmp_path, processor, workers, capsys):
+    """A missing image is found by the start-up scan, an undecodable one when its batch is built: both samples
+    leave, nothing takes their place."""
     draw_image(str(tmp_path / "0.png"), 0)
     (tmp_path / "broken.png").write_bytes(b"not an image")
     records = [good_record(0), good_record(1, image="broken.png"), good_record(2, image="missing.png"),
                good_record(3)]
     dataset = ConversationDataset([write_records(tmp_path, records)], processor, str(tmp_path),
-                                  skip_bad_samples=True, scan_workers=workers)
-    assert len(dataset) == 2 and len(dataset.skipped) == 2
-    assert [dataset.sample(i).where.split("id=")[1] for i in range(2)] == ["r0)", "r3)"]
+                                  skip_bad_samples=True, scan=ScanPlan(workers=workers))
+    assert len(dataset) == 3 and len(dataset.skipped) == 1 and "missing.png" in dataset.skipped[0][1]
+    assert [dataset.sample(i).where.split("id=")[1] for i in range(3)] == ["r0)", "r1)", "r3)"]
+    assert dataset[1] is None and "sample 1 (id=r1): cannot decode image" in capsys.readouterr().err
+    batch = collate([dataset[i] for i in range(3)], processor.pad_token_id)
+    assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2
+    assert collate([dataset[1]], processor.pad_token_id) is None
+    with pytest.raises(DataError, match="cannot decode image"):
+        ConversationDataset([write_records(tmp_path, records[:2])], processor, str(tmp_path))[1]
 
 
 def test_check_data_summarises_every_problem(tmp_path, processor):

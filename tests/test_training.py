@@ -120,8 +120,9 @@ def test_two_process_gloo_equals_one_process(tmp_path, toy_tokenizer):
     # Only rank 0 reports: the model summary, progress bars, and transformers' and datasets' loading output.
     printed = {rank: "".join(path.read_text() for path in sorted(logs.glob(f"*/attempt_0/{rank}/std*.log")))
                for rank in (0, 1)}
-    for text in ("Loading weights", "Generating train split", "model: vision", "precision:", "train:"):
+    for text in ("Loading weights", "checking samples", "model: vision", "precision:", "train:"):
         assert text in printed[0] and text not in printed[1], text
+    assert len(json.load(open(tmp_path / "two" / "data_scan.json"))["samples"]) == 16  # gathered from both ranks
     one = subprocess.run([sys.executable, os.path.join(ROOT, "sft_train.py"),
                           *common_args(data, tmp_path / "one", *steps), "--batch_size", "4"],
                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -315,6 +316,46 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, data, e
     a, b = final_weights(tmp_path / "whole"), final_weights(killed_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(list_checkpoints(str(killed_dir))) == 3
+
+
+def test_resume_reuses_the_start_up_scan_of_the_same_data(tmp_path, data, monkeypatch):
+    from data import ConversationDataset
+
+    checked = []
+    check = ConversationDataset.check
+    monkeypatch.setattr(ConversationDataset, "check", lambda self, *a: checked.append(a) or check(self, *a))
+    args = common_args(data, tmp_path / "run", "--preset", "tiny", "--max_steps", "2", "--save_steps", "1",
+                       "--batch_size", "4")
+    sft_train.main(args)
+    assert len(checked) == 16
+    checked.clear()
+    sft_train.main(args + ["--resume"])  # nothing left to train, but it starts up: from the kept scan
+    assert checked == []
+    records = json.load(open(data[0]))
+    with open(data[0], "w") as f:  # changed data is scanned again
+        json.dump(records[:12], f)
+    sft_train.main(args)
+    assert len(checked) == 12
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_an_over_long_sample_found_mid_run(tmp_path, data, skip, capsys):
+    """The start-up scan only estimates lengths; a sample that turns out too long when its batch encodes it is
+    skipped with --skip_bad_samples (the run goes on, its batch one sample short), else it stops the run in one
+    line naming it."""
+    records = json.load(open(data[0]))
+    records[9]["conversations"][1]["value"] = " and".join(["a red circle"] * 200)
+    with open(data[0], "w") as f:
+        json.dump(records, f)
+    args = common_args(data, tmp_path / "run", "--preset", "tiny", "--max_steps", "4", "--save_steps", "0",
+                       "--batch_size", "4", "--max_length", "400", *(["--skip_bad_samples"] if skip else []))
+    if skip:
+        sft_train.main(args)
+        assert "skipping a bad sample" in capsys.readouterr().err
+        assert len(read_log(tmp_path / "run")) == 4 and (tmp_path / "run" / "model.safetensors").exists()
+    else:
+        with pytest.raises(SystemExit, match=r"sample 9 \(id=s9\): \d+ tokens .* exceed max_length 400"):
+            sft_train.main(args)
 
 
 def test_partial_checkpoint_is_ignored_and_mismatched_resume_refused(tmp_path, data):
