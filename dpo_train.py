@@ -56,9 +56,11 @@ def sequence_logps(model, batch: dict):
     targets = labels[:, 1:]
     supervised = targets != -100
     token_logps = -F.cross_entropy(output.logits, targets[supervised], reduction="none")
-    rows = supervised.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=labels.device).index_add(0, rows, token_logps)
-    return sums, supervised.sum(1)
+    # Back into (rows, positions), then a plain row sum: index_add would accumulate with CUDA atomics, whose order
+    # (and so the last bits of the sums) changes from run to run, and a resumed run must recompute them exactly.
+    per_position = torch.zeros(targets.shape, dtype=token_logps.dtype, device=labels.device)
+    per_position[supervised] = token_logps
+    return per_position.sum(1), supervised.sum(1)
 
 
 def collate_pairs(samples: list[dict | None], pad_token_id: int) -> dict | None:

@@ -171,7 +171,7 @@ def test_qlora_checkpoint_reloads_and_merges_without_bitsandbytes_state(tmp_path
         logits = reloaded(input_ids=ids).logits
         # The k-bit layers compute in bf16 (4-bit) or on int8 activations (8-bit), the reloaded ones in fp32: the
         # logits agree to ~1% of their range (0.6% and 1.0% measured), where wrong weights would miss entirely.
-        difference = (trained.eval()(input_ids=ids).logits.float() - logits).abs().max()
+        difference = (trained.eval()(input_ids=ids.to(trained.device)).logits.float().cpu() - logits).abs().max()
         assert difference < 0.03 * logits.abs().max()
         assert torch.allclose(reloaded.merge_lora()(input_ids=ids).logits, logits, atol=1e-5)
 

@@ -92,9 +92,10 @@ def test_training_with_packing_matches_padded_batches(tmp_path, setup):
     sft_train.main(common_args((path, image_dir), tmp_path / "padded", *steps))
     sft_train.main(common_args((path, image_dir), tmp_path / "packed", *steps, "--packing"))
     padded, packed = read_log(tmp_path / "padded"), read_log(tmp_path / "packed")
+    tolerance = 1e-3 if torch.cuda.is_available() else 1e-5  # a GPU's fp32 matmuls run in TF32
     for step in (1, 2, 3):
-        assert packed[step]["loss"] == pytest.approx(padded[step]["loss"], rel=1e-5)
-        assert packed[step]["grad_norm"] == pytest.approx(padded[step]["grad_norm"], rel=1e-4)
+        assert packed[step]["loss"] == pytest.approx(padded[step]["loss"], rel=tolerance)
+        assert packed[step]["grad_norm"] == pytest.approx(padded[step]["grad_norm"], rel=10 * tolerance)
 
 
 def test_packing_carries_cached_vision_features(setup):

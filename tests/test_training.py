@@ -21,6 +21,9 @@ from model import VLM
 from training import LanguageModelingObjective, list_checkpoints, run_stage
 
 TIMEOUT = 300
+# Tests whose tolerances are fp32 CPU arithmetic's (a GPU's fp32 matmuls run in TF32): pinned to the CPU, so that they
+# hold on a machine with a GPU too. tests/test_gpu.py checks the GPU with its own tolerances.
+CPU_EXACT = ["--device", "cpu"]
 
 
 def common_args(data, out, *extra):
@@ -88,7 +91,8 @@ def test_accumulation_steps_equal_one_big_batch(tmp_path, data):
     for batch_size, accumulation in ((4, 1), (2, 2), (1, 4)):
         out = tmp_path / f"b{batch_size}"
         sft_train.main(common_args(data, out, "--preset", "tiny", "--max_steps", "3", "--batch_size",
-                                   str(batch_size), "--grad_accum", str(accumulation), "--save_steps", "0"))
+                                   str(batch_size), "--grad_accum", str(accumulation), "--save_steps", "0",
+                                   *CPU_EXACT))
         logs[batch_size] = read_log(out)
     assert_same_run(logs[4], logs[2], [1, 2, 3])
     assert_same_run(logs[4], logs[1], [1, 2, 3])
@@ -166,7 +170,7 @@ def test_checkpointing_recomputes_a_frozen_llm_that_gradients_pass_through(tmp_p
 def test_compiled_blocks_train_like_eager_and_save_the_same_weights(tmp_path, data):
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         sft_train.main(common_args(data, tmp_path / name, "--preset", "tiny", "--max_steps", "3", "--batch_size",
-                                   "4", "--save_steps", "0", "--train_vision") + extra)
+                                   "4", "--save_steps", "0", "--train_vision", *CPU_EXACT) + extra)
     assert_same_run(read_log(tmp_path / "eager"), read_log(tmp_path / "compiled"), [1, 2, 3], rtol=1e-4)
     eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
     assert eager.keys() == compiled.keys()
@@ -195,7 +199,7 @@ def test_dtype_auto_on_a_cpu_takes_bf16_only_where_it_measures_faster(speedup, e
     assert training.resolve_dtype("auto", torch.device("cpu")) == expected
     assert training.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice stays
     sft_train.main(common_args(data, tmp_path, "--preset", "tiny", "--max_steps", "1", "--batch_size", "4",
-                               "--save_steps", "0", "--dtype", "auto"))
+                               "--save_steps", "0", "--dtype", "auto", "--device", "cpu"))
     label = "bf16 autocast" if expected == torch.bfloat16 else "fp32"
     printed = capsys.readouterr().out
     assert f"precision: {label} (--dtype auto: bf16 matmuls run {speedup:.1f}x fp32 on this CPU)" in printed
