@@ -1,92 +1,26 @@
-"""Data: records -> validated conversations -> chat-template tokens with label masks -> padded batches.
+"""Data: records -> validated conversations -> encoded samples -> padded (or packed) batches.
 
 One path serves every stage. A record (LLaVA JSON/JSONL, parquet, or a saved `datasets` folder) becomes a list of
-messages; the tokenizer's own chat template renders them; each `<image>` expands to the model's number of image
-tokens; labels supervise exactly the assistant replies and their end-of-turn token, found by rendering the
-conversation turn by turn and mapping character spans to tokens (never by searching for a word in token ids).
+messages and its image references, checked up front; the processor (processor.py) turns a sample into input ids,
+labels and pixel values when a batch needs it; collate pads or packs the batch.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-from model import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX
+from processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, VLMProcessor
 
-IMAGE_PLACEHOLDER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_COLUMNS = ("image", "images", "image_bytes")
-
-# Qwen2.5-Instruct's chat template without its tool-calling branch. Used for tokenizers that ship no template (the
-# tiny preset's, GPT-2's) and in tests; a tokenizer with a template of its own keeps it.
-CHATML_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- for message in messages %}"
-    "{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-class DataError(ValueError):
-    """A sample that cannot be trained on; the message names the file, the sample and the problem."""
-
-
-# ==================================================================== tokenizers
-def ensure_chat_tokens(tokenizer, image_token: str) -> int:
-    """Give a tokenizer a chat template, a pad token and the image token if it lacks them; returns tokens added."""
-    added = 0
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHATML_TEMPLATE
-        added += tokenizer.add_special_tokens({"additional_special_tokens": CHAT_SPECIAL_TOKENS[1:]},
-                                              replace_extra_special_tokens=False)
-        tokenizer.eos_token = "<|im_end|>"
-    if image_token not in tokenizer.get_vocab():
-        added += tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
-                                              replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return added
-
-
-def make_tokenizer(texts, vocab_size: int = 512, image_token: str = "<|image_pad|>"):
-    """A byte-level BPE tokenizer trained on `texts`, with Qwen's special tokens and chat template: what the
-    offline presets use instead of downloading Qwen's."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = CHAT_SPECIAL_TOKENS + [image_token]
-    bpe = Tokenizer(models.BPE())
-    # Each CJK character stays a token of its own: a small vocabulary should compose Chinese words, not memorise
-    # whole phrases as single tokens.
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=specials[1:])
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
 
 
 # ==================================================================== records
@@ -231,167 +165,6 @@ def _image_refs(record: dict) -> list:
             continue
         return list(value) if isinstance(value, list) else [value]
     return []
-
-
-def open_image(ref, image_dir: str | None, where: str) -> Image.Image:
-    """Decode an image reference fully (so a truncated file fails here, not mid-batch) as RGB."""
-    try:
-        if isinstance(ref, Image.Image):
-            image = ref
-        elif isinstance(ref, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-            return open_image(ref.get("bytes") or ref.get("path"), image_dir, where)
-        elif isinstance(ref, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(ref))
-        elif isinstance(ref, str):
-            path = ref if os.path.isabs(ref) or image_dir is None else os.path.join(image_dir, ref)
-            if not os.path.isfile(path):
-                raise DataError(f"{where}: image not found: {path}")
-            image = Image.open(path)
-        else:
-            raise DataError(f"{where}: unsupported image value of type {type(ref).__name__}")
-        image.load()
-        return image.convert("RGB")
-    except DataError:
-        raise
-    except Exception as error:
-        raise DataError(f"{where}: cannot decode image {ref if isinstance(ref, str) else ''}: {error}") from None
-
-
-# ==================================================================== chat template -> tokens and labels
-@dataclass
-class VLMProcessor:
-    """Tokenizer + image processor + the model's image geometry: everything that turns a conversation into inputs."""
-
-    tokenizer: object
-    image_processor: object
-    num_image_tokens: int
-    image_token: str = "<|image_pad|>"
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    max_length: int = 2048
-    image_token_id: int = field(init=False)
-
-    def __post_init__(self):
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-
-    @classmethod
-    def from_model(cls, model, max_length: int = 2048) -> VLMProcessor:
-        config = model.config
-        return cls(model.tokenizer, model.image_processor, config.num_image_tokens, config.image_token,
-                   config.system_prompt, max_length)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @cached_property
-    def stop_token_ids(self) -> list[int]:
-        """The token that ends an assistant turn in this template (Qwen: <|im_end|>), plus the tokenizer's eos."""
-        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-                 {"role": "assistant", "content": "REPLY"}]
-        text = self.tokenizer.apply_chat_template(probe, tokenize=False)
-        end = text[text.rindex("REPLY") + len("REPLY"):].strip()
-        ids = self.tokenizer(end, add_special_tokens=False)["input_ids"][:1] if end else []
-        return list(dict.fromkeys(ids + [self.tokenizer.eos_token_id]))
-
-    def with_system_prompt(self, messages: list[dict], system_prompt: str | None = None) -> list[dict]:
-        if messages and messages[0]["role"] == "system":
-            return messages
-        return [{"role": "system", "content": system_prompt or self.system_prompt}] + messages
-
-    def expand_images(self, messages: list[dict]) -> list[dict]:
-        pads = self.image_token * self.num_image_tokens
-        return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, pads)} for m in messages]
-
-    def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """Full text of the conversation and the character spans to supervise: each assistant reply plus its
-        end-of-turn token (not the newline after it). Each span comes from rendering the conversation up to that
-        turn, so it follows whatever the template writes around a reply."""
-        template = self.tokenizer.apply_chat_template
-        text, spans = "", []
-        for k, message in enumerate(messages):
-            if message["role"] == "assistant":
-                header = template(messages[:k], tokenize=False, add_generation_prompt=True)
-                if not header.startswith(text):
-                    raise ValueError("the chat template's generation prompt does not extend the conversation so far")
-            rendered = template(messages[: k + 1], tokenize=False)
-            if not rendered.startswith(text):
-                raise ValueError(f"the chat template re-renders earlier turns when turn {k} is added; per-turn "
-                                 f"label masks need a template whose output only grows")
-            if message["role"] == "assistant":
-                spans.append((len(header), len(rendered.rstrip())))
-            text = rendered
-        return text, spans
-
-    def encode_chat(self, messages: list[dict], where: str = "sample", last_reply_only: bool = False) -> dict:
-        """input_ids and labels for a training conversation whose `<image>` placeholders are still unexpanded.
-        With last_reply_only, earlier replies are context, not targets (preference pairs)."""
-        text, spans = self.render(self.expand_images(self.with_system_prompt(messages)))
-        spans = spans[-1:] if last_reply_only else spans
-        # Each reply is tokenised apart from the text before it, which is exactly the prompt inference tokenises:
-        # tokenising the whole text at once can merge a token across the boundary (on Qwen's vocabulary the
-        # header's newline and a reply's leading newline become one token that neither side owns).
-        input_ids, labels, position = [], [], 0
-        for start, end in [*spans, (len(text), len(text))]:
-            for piece, supervised in ((text[position:start], False), (text[start:end], True)):
-                ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-                input_ids += ids
-                labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-            position = end
-        if len(input_ids) > self.max_length:
-            num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-            raise DataError(f"{where}: {len(input_ids)} tokens (with {num_images} x {self.num_image_tokens} image "
-                            f"tokens) exceed max_length {self.max_length}; cutting it would cut image tokens or a "
-                            f"reply. Raise --max_length or pass --skip_bad_samples to drop such samples")
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
-
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
-        if not images:
-            return None
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def encode_sample(self, sample: Sample, image_dir: str | None, decode_images: bool = True) -> dict:
-        """input_ids, labels, pixel_values; for a preference sample also rejected_input_ids / rejected_labels,
-        each supervising only its final reply. Without decode_images, pixel_values is None (cached features)."""
-        images = [open_image(ref, image_dir, sample.where) for ref in sample.images] if decode_images else []
-        pair = sample.rejected is not None
-        encoded = self.encode_chat(sample.messages, sample.where, last_reply_only=pair)
-        if pair:
-            rejected = sample.messages[:-1] + [{"role": "assistant", "content": sample.rejected}]
-            for key, value in self.encode_chat(rejected, sample.where, last_reply_only=True).items():
-                encoded[f"rejected_{key}"] = value
-        encoded["pixel_values"] = self.pixel_values(images)
-        return encoded
-
-    # ---------------------------------------------------------------- generation
-    def generation_messages(self, image, question: str, history: list | None) -> list[dict]:
-        messages = []
-        for user, assistant in history or []:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        messages.append({"role": "user", "content": question})
-        if image is not None and not any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
-            messages[0] = {"role": "user", "content": IMAGE_PLACEHOLDER + "\n" + messages[0]["content"]}
-        return messages
-
-    def encode_generation_batch(self, images: list, questions: list[str], histories: list | None = None,
-                                system_prompt: str | None = None) -> dict:
-        """Left-padded prompts ending in the assistant header, so every row's next token is its answer's first."""
-        histories = histories or [None] * len(questions)
-        rows, pixel_images = [], []
-        for image, question, history in zip(images, questions, histories, strict=True):
-            messages = self.expand_images(self.with_system_prompt(
-                self.generation_messages(image, question, history), system_prompt))
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if image is not None:
-                pixel_images.append(open_image(image, None, "chat input"))
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            attention_mask[i, width - len(row):] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "pixel_values": self.pixel_values(pixel_images)}
 
 
 # ==================================================================== dataset and collate

@@ -121,7 +121,7 @@ def predict(args, questions: list[dict]) -> list[dict]:
     import torch
     from tqdm.auto import tqdm
 
-    from data import DataError, open_image
+    from processor import DataError, open_image
     from model import VLM
 
     from training import describe_precision, resolve_dtype

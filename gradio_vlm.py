@@ -54,7 +54,7 @@ def open_upload(path: str):
     """The uploaded file as an RGB image, or a ValueError whose message the chat shows."""
     from PIL import Image
 
-    from data import DataError, open_image
+    from processor import DataError, open_image
 
     try:
         with Image.open(path) as probe:
@@ -80,7 +80,7 @@ def generation_settings(max_new_tokens, do_sample, temperature, top_p) -> dict:
 def build_demo(model):
     import gradio as gr
 
-    from model import ChatSession
+    from conversation import ChatSession
 
     def respond(message, session, history, system_prompt, max_new_tokens, do_sample, temperature, top_p):
         """Streams (shown chat, session, history, cleared textbox) for one user message. The conversation lives
@@ -150,7 +150,7 @@ def build_demo(model):
 
 def run_cli(model, image_path: str | None, settings: dict) -> None:
     """A terminal chat: type questions; '/image PATH' switches image, '/clear' forgets, Ctrl-D quits."""
-    from model import ChatSession
+    from conversation import ChatSession
 
     def new_session(path):
         try:

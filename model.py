@@ -13,13 +13,11 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import (
@@ -31,19 +29,14 @@ from transformers import (
     GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
-    TextIteratorStreamer,
 )
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from utils import DEFAULT_LLM, DEFAULT_VISION_MODEL
+import conversation
+from processor import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, VLMProcessor, ensure_chat_tokens
 
-IMAGE_TOKEN = "<|image_pad|>"
-# Qwen's chat template injects "You are Qwen, created by Alibaba Cloud..." when no system turn is given; we always
-# send one, in training and at inference, so the two prompts never differ.
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-IGNORE_INDEX = -100
 # Attention implementations that build a per-row mask from packed position ids (transformers' masking_utils);
 # any other (flash-attention kernels) is given a packed batch as one row.
 MASKED_ATTENTION = ("eager", "sdpa", "flex_attention")
@@ -220,8 +213,6 @@ class VLM(PreTrainedModel, GenerationMixin):
             # Reading the count back to Python would split a compiled decoding step in two; eager calls check it.
             if not torch.compiler.is_compiling() and (num_slots := int(image_mask.sum())):
                 raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
-            if self._needs_vision_pass():
-                embeds = embeds + 0.0 * self.encode_images(self._blank_image(embeds)).sum()
             return embeds
         features = self.encode_images(pixel_values, vision_features)
         if image_index is not None:
@@ -239,16 +230,6 @@ class VLM(PreTrainedModel, GenerationMixin):
         if resized and _accepts(self.vision_model.forward, "interpolate_pos_encoding"):
             return {"interpolate_pos_encoding": True}
         return {}
-
-    def _needs_vision_pass(self) -> bool:
-        # Under DDP every trainable parameter must receive a gradient on every rank, or the all-reduce hangs. A
-        # text-only batch therefore runs the projector (and a trainable tower) on a blank image with weight zero.
-        return (self.training and torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()
-                and any(p.requires_grad for p in [*self.projector.parameters(), *self.vision_model.parameters()]))
-
-    def _blank_image(self, like: torch.Tensor) -> torch.Tensor:
-        size = self.config.input_size
-        return torch.zeros(1, 3, size, size, device=like.device, dtype=like.dtype)
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -357,8 +338,6 @@ class VLM(PreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------- processors, save and load
     def attach_processors(self, tokenizer, image_processor) -> VLM:
         """Give the model its tokenizer and image processor, adding the chat and image tokens a tokenizer lacks."""
-        from data import ensure_chat_tokens
-
         if ensure_chat_tokens(tokenizer, self.config.image_token):
             # New rows start at the old rows' mean; parameters on the meta device (data checks) have no values.
             on_meta = self.language_model.get_input_embeddings().weight.is_meta
@@ -415,136 +394,30 @@ class VLM(PreTrainedModel, GenerationMixin):
                              f"{model.config.input_size}-px ones")
         return model
 
-    # ---------------------------------------------------------------- chat and generation
-    def processor(self):
-        from data import VLMProcessor
-
+    # ---------------------------------------------------------------- processor and conversation
+    def processor(self) -> VLMProcessor:
         if self.tokenizer is None or self.image_processor is None:
             raise ValueError("this model has no tokenizer/image processor attached: load it with "
                              "VLM.from_pretrained(folder) or call model.attach_processors(tokenizer, image_processor)")
         return VLMProcessor.from_model(self)
 
-    @torch.no_grad()
     def batch_chat(self, images: list, questions: list[str], histories: list | None = None,
                    system_prompt: str | None = None, **generation_kwargs) -> list[str]:
-        """Answer several (image, question[, history]) requests in one left-padded batch."""
-        processor = self.processor()
-        batch = self.on_device(processor.encode_generation_batch(images, questions, histories, system_prompt))
-        kwargs = _generation_defaults(processor, generation_kwargs)
-        output = self.generate(**batch, **kwargs)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
-        return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-    def on_device(self, batch: dict) -> dict:
-        """Every tensor of a batch on the model's device (the images in the vision tower's dtype too): a path that
-        moves only the token ids works on a CPU and fails at the first question on a GPU."""
-        moved = {}
-        for key, value in batch.items():
-            if torch.is_tensor(value):
-                dtype = self.vision_model.dtype if key == "pixel_values" else None
-                value = value.to(self.device, dtype=dtype)
-            moved[key] = value
-        return moved
+        """Answer several (image, question[, history]) requests in one left-padded batch (conversation.py)."""
+        return conversation.batch_chat(self, images, questions, histories, system_prompt, **generation_kwargs)
 
     def chat(self, image, question: str, history: list[tuple[str, str]] | None = None,
              system_prompt: str | None = None, **generation_kwargs) -> str:
         """One answer. `image`: a PIL image, a path, or None for a text-only question; `history`: earlier
         (question, answer) pairs of the same conversation. Generation kwargs go to `generate` (a `streamer` too)."""
-        return self.batch_chat([image], [question], [history], system_prompt, **generation_kwargs)[0]
+        return conversation.batch_chat(self, [image], [question], [history], system_prompt, **generation_kwargs)[0]
 
     def stream_chat(self, image, question: str, history: list[tuple[str, str]] | None = None,
                     system_prompt: str | None = None, **generation_kwargs) -> Iterator[str]:
         """Like chat(), but yields the answer's text piece by piece as it is generated."""
-        yield from _stream(lambda streamer: self.chat(image, question, history, system_prompt, streamer=streamer,
-                                                      **generation_kwargs), self.processor().tokenizer)
-
-
-class ChatSession:
-    """A multi-turn conversation whose KV cache carries over between turns: the image is encoded once, and each
-    follow-up question only runs its own new tokens through the model.
-
-        session = ChatSession(model, image)
-        session.ask("What is in the picture?")
-        for piece in session.stream("And what colour is it?"):
-            print(piece, end="")
-    """
-
-    def __init__(self, model: VLM, image=None, system_prompt: str | None = None):
-        self.model, self.system_prompt = model, system_prompt
-        self.image = None if image is None else _open_chat_image(image)
-        self.history: list[tuple[str, str]] = []
-        self._ids: torch.Tensor | None = None  # every token the cache holds, prompt and answers
-        self._cache = None
-
-    @torch.no_grad()
-    def ask(self, question: str, **generation_kwargs) -> str:
-        model, processor = self.model, self.model.processor()
-        batch = model.on_device(processor.encode_generation_batch([self.image], [question], [self.history],
-                                                                  self.system_prompt))
-        input_ids = batch["input_ids"]
-        kwargs = {"pixel_values": batch["pixel_values"]}
-        reused = self._reusable_prefix(input_ids)
-        if reused:  # the image and earlier turns are in the cache already: only the new tokens are computed
-            surplus = self._cache.get_seq_length() - reused
-            if surplus:
-                self._cache.crop(-surplus)
-            kwargs = {"cache": self._cache}
-        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                return_dict_in_generate=True,
-                                **_generation_defaults(processor, generation_kwargs), **kwargs)
-        self._ids, self._cache = output.sequences, output.cache
-        answer = processor.tokenizer.decode(output.sequences[0, input_ids.shape[1]:], skip_special_tokens=True)
-        self.history.append((question, answer.strip()))
-        return answer.strip()
-
-    def stream(self, question: str, **generation_kwargs) -> Iterator[str]:
-        """ask(), yielding the answer's text piece by piece."""
-        yield from _stream(lambda streamer: self.ask(question, streamer=streamer, **generation_kwargs),
-                           self.model.processor().tokenizer)
-
-    def _reusable_prefix(self, input_ids: torch.Tensor) -> int:
-        """How many leading tokens the cache can serve (at least one new token must remain to be computed)."""
-        if self._cache is None:
-            return 0
-        cached = self._ids[0, : self._cache.get_seq_length()]
-        width = min(len(cached), input_ids.shape[1] - 1)
-        same = (cached[:width] == input_ids[0, :width]).long()
-        return int(same.cumprod(0).sum())
-
-
-def _generation_defaults(processor, generation_kwargs: dict) -> dict:
-    kwargs = {"max_new_tokens": 128, "do_sample": False, "eos_token_id": processor.stop_token_ids,
-              "pad_token_id": processor.pad_token_id, **generation_kwargs}
-    if not kwargs["do_sample"]:  # greedy: silence the sampling settings a generation config may carry
-        for key in ("temperature", "top_p", "top_k"):
-            kwargs.setdefault(key, None)
-    return kwargs
-
-
-def _stream(generate, tokenizer) -> Iterator[str]:
-    """Run generate(streamer) in a thread and yield its text as it arrives; re-raise its error here."""
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    errors = []
-
-    def run():
-        try:
-            generate(streamer)
-        except Exception as error:  # handed to the consumer, which re-raises it below
-            errors.append(error)
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
-    if errors:
-        raise errors[0]
-
-
-def _open_chat_image(image):
-    from data import open_image
-
-    return open_image(image, None, "chat input")
+        return conversation.stream(lambda streamer: self.chat(image, question, history, system_prompt,
+                                                              streamer=streamer, **generation_kwargs),
+                                   self.processor().tokenizer)
 
 
 def processed_image_size(image_processor) -> int:
@@ -603,9 +476,8 @@ def image_processor_of(name_or_path: str, image_size: int | None = None):
     return image_processor
 
 
-def vlm_from_components(vision_model: str = DEFAULT_VISION_MODEL, llm_model: str = DEFAULT_LLM,
-                        dtype: torch.dtype = torch.float32, llm_kwargs: dict | None = None,
-                        image_size: int | None = None, **config_kwargs) -> VLM:
+def vlm_from_components(vision_model: str, llm_model: str, dtype: torch.dtype = torch.float32,
+                        llm_kwargs: dict | None = None, image_size: int | None = None, **config_kwargs) -> VLM:
     """Stage-1 start: pretrained vision tower + pretrained LLM + a fresh projector (hub ids or local folders).
     `llm_kwargs` go to the LLM's from_pretrained (a quantization_config for QLoRA). `image_size` makes the image
     processor resize every image to that square instead of its own size: fewer patches, fewer image tokens."""
@@ -618,8 +490,8 @@ def vlm_from_components(vision_model: str = DEFAULT_VISION_MODEL, llm_model: str
     return model.attach_processors(AutoTokenizer.from_pretrained(llm_model), image_processor_of(vision_model, image_size))
 
 
-def vlm_without_weights(model_path: str | None = None, vision_model: str = DEFAULT_VISION_MODEL,
-                        llm_model: str = DEFAULT_LLM, image_size: int | None = None) -> VLM:
+def vlm_without_weights(model_path: str | None = None, vision_model: str | None = None,
+                        llm_model: str | None = None, image_size: int | None = None) -> VLM:
     """A VLM checkpoint's, or two components', configs, tokenizer and image processor around parameters on the meta
     device: everything checking data needs (geometry, chat template, image tokens), read in a second and no weights
     loaded, whatever the model's size."""

@@ -28,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-from data import (ConversationDataset, Positioned, ScanPlan, VLMProcessor, check_data, collate, collate_positioned,
-                  make_tokenizer, parse_record)
-from model import IGNORE_INDEX, VLM, vlm_from_components, vlm_from_preset, vlm_without_weights
+from data import (ConversationDataset, Positioned, ScanPlan, check_data, collate, collate_positioned, load_records,
+                  parse_record)
+from model import VLM, vlm_from_components, vlm_from_preset, vlm_without_weights
+from processor import IGNORE_INDEX, VLMProcessor, make_tokenizer
 
 MODULE_PREFIXES = {"vision": "vision_model.", "projector": "projector.", "llm": "language_model."}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -73,6 +74,26 @@ def setup_runtime(device: str | None = None) -> Runtime:
             library.logging.set_verbosity_error()
             library.logging.disable_progress_bar()
     return Runtime(rank, local_rank, world_size, target)
+
+
+class ReachEveryTrainable:
+    """Every rank must produce a gradient for every trainable parameter at every step, or the gradient all-reduce
+    (reduce-scatter under FSDP) waits forever; a batch without images never reaches the projector or a trainable
+    tower. For such a batch (the loop sets `text_only`), a hook runs them on one blank image just before the LLM,
+    adding the result to its input with weight zero: their gradients are zeros, every rank takes part in every
+    collective, and the tower runs where a batch with images runs it, so FSDP's all-gathers keep the same order."""
+
+    def __init__(self, model: VLM):
+        self.model, self.text_only = model, False
+        model.language_model.base_model.register_forward_pre_hook(self.zero_weight_pass, with_kwargs=True)
+
+    def zero_weight_pass(self, module, args, kwargs):
+        if not (self.text_only and torch.is_grad_enabled()):
+            return None
+        embeds, size = kwargs["inputs_embeds"], self.model.config.input_size
+        blank = torch.zeros(1, 3, size, size, device=embeds.device)
+        kwargs["inputs_embeds"] = embeds + 0.0 * self.model.encode_images(blank).sum().to(embeds.dtype)
+        return args, kwargs
 
 
 def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -571,13 +592,16 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     elif args.resume and runtime.is_main:
         print(f"--resume: no checkpoint in {args.output_dir}, starting from scratch")
 
-    ddp_model, is_sharded = model, sharded(model)
-    if runtime.distributed and not is_sharded:
-        # A trainable tower may hold parameters our features never reach (CLIP's post_layernorm acts only on its
-        # pooled output); DDP must then look for them each step instead of waiting for their gradients forever.
-        ddp_model = DistributedDataParallel(
-            model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
-            find_unused_parameters=any(p.requires_grad for p in model.vision_model.parameters()))
+    ddp_model, is_sharded, reach = model, sharded(model), None
+    if runtime.distributed:
+        if any(p.requires_grad for p in [*model.projector.parameters(), *model.vision_model.parameters()]):
+            reach = ReachEveryTrainable(model)
+        if not is_sharded:
+            # A trainable tower may hold parameters our features never reach (CLIP's post_layernorm acts only on
+            # its pooled output); DDP must then look for them each step instead of waiting for their gradients.
+            ddp_model = DistributedDataParallel(
+                model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+                find_unused_parameters=any(p.requires_grad for p in model.vision_model.parameters()))
     set_train_mode(model, args.gradient_checkpointing)
     logger = MetricLogger(args, runtime, total_steps, step)
     params = list(trainable_parameters(model).values())
@@ -601,6 +625,8 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                 if is_sharded:  # FSDP2 reduce-scatters the gradients only after the last micro-batch
                     model.set_requires_gradient_sync(sync)
                     sync = True
+                if reach is not None:
+                    reach.text_only = batch["pixel_values"] is None and batch.get("vision_features") is None
                 with (nullcontext() if sync else ddp_model.no_sync()), autocast:
                     loss_sum, metrics = objective(ddp_model, batch)
                     loss = loss_sum * runtime.world_size / max(num_items, 1)
@@ -805,8 +831,6 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
 
 def training_texts(paths: list[str]):
     """Every message of the training files, for learning a preset's tokenizer."""
-    from data import load_records
-
     for path in paths:
         for i, record in enumerate(load_records(path)):
             for message in parse_record(record, f"{path}: sample {i}").messages:

@@ -122,7 +122,7 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
 def run_stage_from_args(args, **stage):
     """Run the stage and return its trained model; a problem with the user's data ends in one line naming file,
     sample and problem, exit 1."""
-    from data import DataError
+    from processor import DataError
     from training import run_stage
 
     try:

@@ -26,7 +26,8 @@ def our_model(args, tokenizer):
 
 
 def batch_for(tokenizer, data: str, args, num_image_tokens: int):
-    from data import ConversationDataset, VLMProcessor, collate
+    from data import ConversationDataset, collate
+    from processor import VLMProcessor
     from model import preset_image_processor, preset_configs
 
     vision, _ = preset_configs(args.preset, vocab_size=len(tokenizer))

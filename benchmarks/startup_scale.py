@@ -40,7 +40,7 @@ def write_dataset(folder: str, count: int) -> str:
 
 
 def save_tiny_model(folder: str) -> None:
-    from data import make_tokenizer
+    from processor import make_tokenizer
     from model import vlm_from_preset
 
     texts = ["Give a brief description of the image.", "a photo of item number 12 on a wooden table"] * 50

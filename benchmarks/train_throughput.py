@@ -104,7 +104,8 @@ def run_llava(args, data: str, row: str) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from data import ConversationDataset, VLMProcessor, collate
+    from data import ConversationDataset, collate
+    from processor import VLMProcessor
     from model import preset_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
@@ -160,7 +161,8 @@ def run_trl(args, data: str, row: str) -> dict:
     from transformers import AutoTokenizer, LlavaProcessor, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from model import DEFAULT_SYSTEM_PROMPT, preset_image_processor
+    from model import preset_image_processor
+    from processor import DEFAULT_SYSTEM_PROMPT
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
     torch.manual_seed(0)

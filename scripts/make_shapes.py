@@ -151,7 +151,7 @@ def preference_pairs(scene: list[dict], rng: random.Random, zh: bool) -> list[tu
 
 def every_phrase() -> list[str]:
     """Every word and phrase the generator can write, for learning the tokenizer (independent of any seed)."""
-    from model import DEFAULT_SYSTEM_PROMPT
+    from processor import DEFAULT_SYSTEM_PROMPT
 
     rng = random.Random(0)
     # The chat template's own words too, so every prompt is a few tokens, not a few dozen bytes.
@@ -222,7 +222,7 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
 
 
 def write_tokenizer(output_dir: str, vocab_size: int) -> str:
-    from data import make_tokenizer
+    from processor import make_tokenizer
 
     path = os.path.join(output_dir, "tokenizer")
     make_tokenizer(every_phrase(), vocab_size=vocab_size).save_pretrained(path)

@@ -12,7 +12,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import CHATML_TEMPLATE, make_tokenizer  # noqa: E402
+from processor import CHATML_TEMPLATE, make_tokenizer  # noqa: E402
 from model import vlm_from_preset  # noqa: E402
 
 CORPUS = ["a red circle and a blue square", "What colour is the circle?", "Is there a green triangle?",

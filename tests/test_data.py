@@ -8,9 +8,8 @@ import pytest
 import torch
 from conftest import conversation, draw_image, write_llava_json
 
-from data import (IMAGE_PLACEHOLDER, PAD_MULTIPLE, ConversationDataset, DataError, ScanPlan, VLMProcessor, check_data,
-                  collate, parse_record)
-from model import IGNORE_INDEX
+from data import PAD_MULTIPLE, ConversationDataset, ScanPlan, check_data, collate, parse_record
+from processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, VLMProcessor
 
 QWEN_IMAGE_PAD, QWEN_IM_END = 151655, 151645
 

@@ -10,9 +10,10 @@ import torch
 from conftest import draw_image, tiny_vlm
 
 import dpo_train
-from data import ConversationDataset, DataError, VLMProcessor, parse_preference_record
-from model import VLM
+from data import ConversationDataset, parse_preference_record
 from dpo_train import DPOObjective, collate_pairs, dpo_loss, sequence_logps
+from model import VLM
+from processor import DataError, VLMProcessor
 from training import run_stage
 
 POLICY_CHOSEN = torch.tensor([-5.0, -9.0, -2.5])

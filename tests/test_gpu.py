@@ -17,7 +17,8 @@ import dpo_train
 import eval_vlm
 import pretrain_train
 import sft_train
-from model import VLM, ChatSession
+from conversation import ChatSession
+from model import VLM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -111,7 +111,8 @@ def test_dpo_reference_without_adapters_equals_a_frozen_copy(tmp_path, start):
         for p in model.adapter_parameters().values():
             p.add_(torch.randn_like(p) * 0.05)
     objective = DPOObjective(args)
-    from data import ConversationDataset, VLMProcessor, parse_preference_record
+    from data import ConversationDataset, parse_preference_record
+    from processor import VLMProcessor
 
     dataset = ConversationDataset([path], VLMProcessor.from_model(model), image_dir, parse=parse_preference_record)
     objective.prepare(model, dataset, None, None, None)

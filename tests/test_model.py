@@ -10,8 +10,9 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerF
                           BitImageProcessorPil, CLIPImageProcessorPil)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from data import VLMProcessor
+from conversation import ChatSession
 from model import VLM, VLMConfig, downsample_grid, preset_configs, vlm_from_components, vlm_from_configs
+from processor import VLMProcessor
 
 QUESTION = "What colour is the square?"
 
@@ -280,8 +281,6 @@ def test_second_turn_sees_the_first(model, image):
 
 
 def test_chat_session_reuses_the_cache_and_encodes_the_image_once(model, image):
-    from model import ChatSession
-
     calls = []
     hook = model.vision_model.register_forward_hook(lambda *args: calls.append(1))
     try:
@@ -301,8 +300,6 @@ def test_chat_session_reuses_the_cache_and_encodes_the_image_once(model, image):
 def test_every_chat_entry_point_puts_its_inputs_on_the_models_device(model, image, monkeypatch):
     """Without a GPU: the model claims to live on the meta device and a spy stands in for generate."""
     from types import SimpleNamespace
-
-    from model import ChatSession
 
     seen = []
 

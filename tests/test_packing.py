@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_vlm, write_llava_json
 
 import sft_train
-from data import ConversationDataset, VLMProcessor, collate
+from data import ConversationDataset, collate
+from processor import VLMProcessor
 from test_training import common_args, read_log
 
 

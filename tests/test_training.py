@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 import pretrain_train
 import sft_train
-from data import VLMProcessor, collate, make_tokenizer, parse_record
+from data import collate, parse_record
 from model import VLM
+from processor import VLMProcessor, make_tokenizer
 from training import LanguageModelingObjective, list_checkpoints, run_stage
 
 TIMEOUT = 300
@@ -134,6 +135,20 @@ def test_two_process_gloo_equals_one_process(tmp_path, toy_tokenizer):
     assert_same_run(read_log(tmp_path / "two"), read_log(tmp_path / "one"), [1, 2, 3, 4])
     a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("engine", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_a_text_only_batch_on_one_rank_keeps_stage_one_in_step(tmp_path, engine):
+    """Stage 1 trains the projector alone; rank 1's first batch has no image, so without the zero-weight pass on a
+    blank image its step would have nothing to differentiate and the ranks' collectives would part ways."""
+    data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          os.path.join(ROOT, "pretrain_train.py"),
+                          *common_args(data, tmp_path / "out", "--preset", "tiny", "--max_steps", "2", "--save_steps",
+                                       "0", "--batch_size", "2", *engine)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(read_log(tmp_path / "out")) == 2
 
 
 def test_gradient_checkpointing_and_loader_workers_change_nothing(tmp_path, data):
