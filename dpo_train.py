@@ -135,7 +135,7 @@ class DPOObjective:
         positions = list(range(runtime.rank, len(dataset), runtime.world_size))
         loader = torch.utils.data.DataLoader(Positioned(dataset, positions), batch_size=self.batch_size,
                                              collate_fn=partial(collate_positioned, collate_fn=collate_fn),
-                                             num_workers=self.num_workers)
+                                             num_workers=self.num_workers, generator=torch.Generator())
         table = torch.zeros(len(dataset), 2, device=runtime.device)
         model.eval()
         with torch.no_grad(), autocast:

@@ -349,17 +349,23 @@ class VLM(PreTrainedModel, GenerationMixin):
         return self
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        quantization = getattr(self.config.text_config, "quantization_config", None)
-        if quantization is None:
+        # k-bit settings sit on the LLM's config (components) or on the VLM's (a checkpoint loaded in k-bit).
+        quantized = [(config, config.quantization_config) for config in (self.config, self.config.text_config)
+                     if getattr(config, "quantization_config", None) is not None]
+        if not quantized:
             super().save_pretrained(save_directory, *args, **kwargs)
         else:  # QLoRA: saved as a plain checkpoint, so that it loads and merges anywhere, bitsandbytes or not
-            if kwargs.get("state_dict") is None:
-                kwargs["state_dict"] = self.dequantized_state_dict()
-            del self.config.text_config.quantization_config
+            kwargs["state_dict"] = self.dequantized_state_dict()
+            # transformers' quantizer would write its packed state dict over ours: set aside while saving.
+            quantizer, self.hf_quantizer = getattr(self, "hf_quantizer", None), None
+            for config, _ in quantized:
+                del config.quantization_config
             try:
                 super().save_pretrained(save_directory, *args, **kwargs)
             finally:
-                self.config.text_config.quantization_config = quantization
+                self.hf_quantizer = quantizer
+                for config, quantization in quantized:
+                    config.quantization_config = quantization
         for processor in (self.tokenizer, self.image_processor):
             if processor is not None:
                 processor.save_pretrained(save_directory)
@@ -374,8 +380,9 @@ class VLM(PreTrainedModel, GenerationMixin):
         for name, module in self.named_modules():
             # Its own parameter only: a LoRA wrapper's `weight` is its base layer's.
             if type(module._parameters.get("weight")).__name__ in ("Params4bit", "Int8Params"):
-                for key in [k for k in state_dict if k.startswith(f"{name}.weight") and k != f"{name}.weight"]:
-                    del state_dict[key]  # absmax, quant_map, quant_state, weight_format ... of the packed weight
+                for key in [k for k in state_dict if k.startswith(f"{name}.")
+                            and k not in (f"{name}.weight", f"{name}.bias")]:
+                    del state_dict[key]  # absmax, quant_map, quant_state, SCB, weight_format ... of the packing
                 weight = dequantize_bnb_weight(module.weight, state=getattr(module, "state", None))
                 state_dict[f"{name}.weight"] = weight.detach().to(dtype)
         return state_dict

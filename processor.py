@@ -181,16 +181,24 @@ class VLMProcessor:
         With last_reply_only, earlier replies are context, not targets (preference pairs)."""
         text, spans = self.render(self.expand_images(self.with_system_prompt(messages)))
         spans = spans[-1:] if last_reply_only else spans
-        # Each reply is tokenised apart from the text before it, which is exactly the prompt inference tokenises:
-        # tokenising the whole text at once can merge a token across the boundary (on Qwen's vocabulary the
-        # header's newline and a reply's leading newline become one token that neither side owns).
+        # The tokens up to each boundary are those of the text up to it, tokenised whole: before a reply that is
+        # exactly the prompt inference tokenises. Where a token would straddle a boundary (on Qwen's vocabulary the
+        # header's newline and a reply's leading newline merge into one that neither side owns), the text from the
+        # boundary on is tokenised on its own instead. (Tokenising every piece on its own would add a word-start
+        # marker to each reply with SentencePiece-style tokenizers, Llama-2's and Mistral's.)
         input_ids, labels, position = [], [], 0
         for start, end in [*spans, (len(text), len(text))]:
-            for piece, supervised in ((text[position:start], False), (text[start:end], True)):
-                ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-                input_ids += ids
-                labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-            position = end
+            for boundary, supervised in ((start, False), (end, True)):
+                if boundary == position:
+                    continue
+                ids = self.tokenizer(text[:boundary], add_special_tokens=False)["input_ids"]
+                if ids[:len(input_ids)] == input_ids:
+                    new = ids[len(input_ids):]
+                else:
+                    new = self.tokenizer(text[position:boundary], add_special_tokens=False)["input_ids"]
+                input_ids += new
+                labels += new if supervised else [IGNORE_INDEX] * len(new)
+                position = boundary
         if len(input_ids) > self.max_length:
             num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
             raise DataError(f"{where}: {len(input_ids)} tokens (with {num_images} x {self.num_image_tokens} image "

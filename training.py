@@ -31,7 +31,7 @@ from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 from data import (ConversationDataset, Positioned, ScanPlan, check_data, collate, collate_positioned, load_records,
                   parse_record)
 from model import VLM, vlm_from_components, vlm_from_preset, vlm_without_weights
-from processor import IGNORE_INDEX, VLMProcessor, make_tokenizer
+from processor import IGNORE_INDEX, DataError, VLMProcessor, make_tokenizer
 
 MODULE_PREFIXES = {"vision": "vision_model.", "projector": "projector.", "llm": "language_model."}
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -85,7 +85,8 @@ class ReachEveryTrainable:
 
     def __init__(self, model: VLM):
         self.model, self.text_only = model, False
-        model.language_model.base_model.register_forward_pre_hook(self.zero_weight_pass, with_kwargs=True)
+        self.hook = model.language_model.base_model.register_forward_pre_hook(self.zero_weight_pass,
+                                                                                with_kwargs=True)
 
     def zero_weight_pass(self, module, args, kwargs):
         if not (self.text_only and torch.is_grad_enabled()):
@@ -216,6 +217,8 @@ def quantization_config(args) -> dict:
                          "is built with random weights and would train unquantized: give --llm_model or --model_path")
     if not args.lora:
         raise SystemExit("k-bit weights cannot be trained directly: add --lora (QLoRA)")
+    if args.fsdp:
+        raise SystemExit("--fsdp does not shard k-bit weights here: use DDP (drop --fsdp) with QLoRA")
     try:
         import bitsandbytes  # noqa: F401  (0.48 and later run on the CPU too)
     except ImportError:
@@ -378,6 +381,7 @@ class BatchStream:
         self._iterator = None
 
     def next(self) -> dict:
+        skipped = 0  # batches in a row whose every sample was skipped as unusable (collate gave None)
         while True:
             if self._iterator is None:
                 self.sampler.set_epoch(self.epoch)
@@ -386,8 +390,13 @@ class BatchStream:
             try:
                 batch = next(self._iterator)
                 self.batch_in_epoch += 1
-                if batch is not None:  # None: every sample of it was skipped as unusable
+                if batch is not None:
                     return batch
+                skipped += 1
+                if skipped > len(self.loader):
+                    raise DataError("not one usable sample in a whole epoch: every sample failed when its batch "
+                                    "encoded it (see the 'skipping a bad sample' lines); raise --max_length or fix "
+                                    "the data")
             except StopIteration:
                 self.epoch, self.batch_in_epoch, self._iterator = self.epoch + 1, 0, None
 
@@ -402,7 +411,9 @@ def save_checkpoint(output_dir: str, step: int, model: VLM, optimizer, scheduler
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     barrier(runtime)
-    torch.save(rng_state(), os.path.join(temporary, f"rng_state_{runtime.rank}.pt"))
+    # Each rank's own data position: one whose batch was all skipped samples is a batch ahead of the others.
+    position = {"epoch": state["epoch"], "batch_in_epoch": state["batch_in_epoch"]}
+    torch.save({**rng_state(), "position": position}, os.path.join(temporary, f"rng_state_{runtime.rank}.pt"))
     tensors, optimizer_state = full_tensors(model), optimizer_state_dict(model, optimizer)
     if runtime.is_main:
         save_file(tensors, os.path.join(temporary, "trainable.safetensors"))
@@ -463,11 +474,14 @@ def load_checkpoint(path: str, model: VLM, optimizer, scheduler, scaler, runtime
         optimizer.load_state_dict(load(os.path.join(path, "optimizer.pt")))
     scheduler.load_state_dict(load(os.path.join(path, "scheduler.pt")))
     scaler.load_state_dict(load(os.path.join(path, "scaler.pt")))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        state = json.load(f)
     rng_file = os.path.join(path, f"rng_state_{runtime.rank}.pt")
     if os.path.exists(rng_file):
-        set_rng_state(load(rng_file))
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+        saved = load(rng_file)
+        set_rng_state(saved)
+        state.update(saved.get("position", {}))
+    return state
 
 
 def rng_state() -> dict:
@@ -664,6 +678,8 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                                 args.save_total_limit)
     finally:
         logger.close()
+        if reach is not None:  # the trained model goes back as it came
+            reach.hook.remove()
 
 
 # ==================================================================== stage-1 cached vision features
@@ -735,14 +751,14 @@ def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, 
 
 
 def cache_fingerprint(model: VLM, dataset) -> str:
-    """What the cached features depend on: the tower's weights, the geometry, the data files and their order."""
+    """What the cached features depend on: the tower's weights, the geometry, the data files and which of their
+    samples are kept, in order."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.vision_model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    digest.update(json.dumps([model.config.num_image_tokens, model.config.vision_feature_layer, len(dataset),
-                              dataset.image_dir, [(p, os.path.getsize(p) if os.path.isfile(p) else 0)
-                                                  for p, _ in dataset.tables]]).encode())
+    digest.update(json.dumps([model.config.num_image_tokens, model.config.vision_feature_layer, dataset.fingerprint(),
+                              dataset.index]).encode())
     return digest.hexdigest()
 
 
@@ -752,7 +768,7 @@ def write_feature_cache(model: VLM, dataset, path: str, positions: range, offset
     positions whose images could not be used (skipped samples: their rows stay empty and they never train)."""
     array = np.load(path, mmap_mode="r+")
     loader = torch.utils.data.DataLoader(Positioned(dataset, positions), batch_size=args.batch_size,
-                                         num_workers=args.num_workers,
+                                         num_workers=args.num_workers, generator=torch.Generator(),
                                          collate_fn=partial(collate_positioned,
                                                             collate_fn=partial(collate, pad_token_id=0)))
     model.to(runtime.device).eval()
@@ -786,8 +802,15 @@ def scan_plan(args, runtime: Runtime) -> ScanPlan:
         dist.all_gather_object(everyone, results)
         return [result for part in everyone for result in part]
 
+    def agree(value):
+        if not runtime.distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
     return ScanPlan(runtime.rank, runtime.world_size, args.num_workers, gather,
-                    os.path.join(args.output_dir, "data_scan.json"))
+                    os.path.join(args.output_dir, "data_scan.json"), agree)
 
 
 def run_stage(args, build_dataset=build_conversation_dataset, objective=None, collate=collate) -> VLM | None:

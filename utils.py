@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-# The real recipe's components; model.py builds from these when no other is named.
+# The real recipe's components: the stages build from these when no other is named.
 DEFAULT_VISION_MODEL = "google/siglip-so400m-patch14-384"
 DEFAULT_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
 
@@ -103,8 +103,10 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     lora.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the adapter input")
     lora.add_argument("--lora_target", nargs="+", default=["llm"], choices=["llm", "vision"],
                       help="towers whose linear layers (attention and MLP projections, by module type) get adapters")
-    lora.add_argument("--load_in_4bit", action="store_true", help="QLoRA: the frozen LLM in 4-bit NF4 (CUDA only)")
-    lora.add_argument("--load_in_8bit", action="store_true", help="the frozen LLM in 8-bit (CUDA only)")
+    lora.add_argument("--load_in_4bit", action="store_true",
+                      help="QLoRA: the frozen LLM in 4-bit NF4 (bitsandbytes; with --lora; saved dequantized)")
+    lora.add_argument("--load_in_8bit", action="store_true",
+                      help="the frozen LLM in 8-bit (bitsandbytes; with --lora; saved dequantized)")
 
     ckpt = parser.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--save_steps", type=int, default=500, help="write checkpoint-STEP/ every this many steps")

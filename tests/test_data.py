@@ -1,11 +1,13 @@
 """Label masks, image-token expansion, loaders and the errors bad data gets."""
 
+import io
 import json
 import os
 
 import datasets
 import pytest
 import torch
+from PIL import Image
 from conftest import conversation, draw_image, write_llava_json
 
 from data import PAD_MULTIPLE, ConversationDataset, ScanPlan, check_data, collate, parse_record
@@ -249,6 +251,21 @@ def test_skip_bad_samples_drops_and_counts(tmp_path, processor, workers, capsys)
         ConversationDataset([write_records(tmp_path, records[:2])], processor, str(tmp_path))[1]
 
 
+def test_images_stored_in_the_records_are_decoded_only_when_used(tmp_path, processor, capsys):
+    """datasets decodes an Image column whenever a row is read: the start-up scan would decode every image, and a
+    corrupt one would end it with PIL's error instead of being skipped."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="PNG")
+    records = datasets.Dataset.from_list([
+        {"conversations": json.dumps(conversation(0)), "image": {"bytes": buffer.getvalue(), "path": None}},
+        {"conversations": json.dumps(conversation(1)), "image": {"bytes": b"not an image", "path": None}},
+    ]).cast_column("image", datasets.Image())
+    records.to_parquet(str(tmp_path / "images.parquet"))
+    dataset = ConversationDataset([str(tmp_path / "images.parquet")], processor, skip_bad_samples=True)
+    assert len(dataset) == 2 and dataset[0]["pixel_values"] is not None
+    assert dataset[1] is None and "cannot decode image" in capsys.readouterr().err
+
+
 def test_check_data_summarises_every_problem(tmp_path, processor):
     draw_image(str(tmp_path / "0.png"), 0)
     (tmp_path / "broken.png").write_bytes(b"not an image")
@@ -265,3 +282,30 @@ def test_parse_record_accepts_role_content_messages():
                           "f: sample 0")
     assert sample.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert sample.images == []
+
+
+def test_sentencepiece_style_tokenizers_get_the_whole_texts_tokens():
+    """A Metaspace tokenizer (Llama-2, Mistral) marks the start of every text it is given as a word start: replies
+    tokenised on their own would begin with a marker that the whole conversation, and so inference, never has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from processor import CHAT_SPECIAL_TOKENS, CHATML_TEMPLATE
+
+    specials = CHAT_SPECIAL_TOKENS + ["<|image_pad|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    bpe.decoder = decoders.Metaspace(prepend_scheme="always")
+    texts = ["a red circle and a blue square", "What colour is the square?", "Yes", "No"] * 4
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=specials, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=specials[1:])
+    tokenizer.chat_template = CHATML_TEMPLATE
+    processor = VLMProcessor(tokenizer, None, num_image_tokens=4)
+    messages = [{"role": "user", "content": "What colour is the square?"},
+                {"role": "assistant", "content": "a red circle"},
+                {"role": "user", "content": "Is there a blue square?"}, {"role": "assistant", "content": "Yes"}]
+    encoded = processor.encode_chat(messages)
+    text, _ = processor.render(processor.expand_images(processor.with_system_prompt(messages)))
+    assert encoded["input_ids"].tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(supervised_spans(encoded["input_ids"], encoded["labels"])) == 2

@@ -2,6 +2,7 @@
 loads with VLM.from_pretrained, merging keeps the logits, DPO's adapter-free reference equals a frozen copy, and
 k-bit loading without a GPU stops with a clear message."""
 
+import json
 import math
 import os
 import shutil
@@ -144,29 +145,35 @@ def test_kbit_with_a_preset_stops_before_any_work(tmp_path, start):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("bits", ["--load_in_4bit", "--load_in_8bit"])
-def test_qlora_checkpoint_reloads_and_merges_without_bitsandbytes_state(tmp_path, toy_tokenizer, bits):
-    """QLoRA trains adapters over k-bit LLM weights (bitsandbytes, on the CPU here). The saved folder is a plain
-    checkpoint: the k-bit weights dequantized to exactly what the layers computed with, so it reloads, gives the
-    trained model's logits, and merges."""
+@pytest.mark.parametrize("bits, source", [("--load_in_4bit", "components"), ("--load_in_8bit", "components"),
+                                          ("--load_in_4bit", "checkpoint")])
+def test_qlora_checkpoint_reloads_and_merges_without_bitsandbytes_state(tmp_path, toy_tokenizer, bits, source):
+    """QLoRA trains adapters over k-bit LLM weights (bitsandbytes, on the CPU here), from two components or from a
+    VLM checkpoint (scripts/sft_lora.sh's way). The saved folder is a plain checkpoint: the k-bit weights
+    dequantized to exactly what the layers computed with, so it reloads, gives the trained model's logits, and
+    merges."""
     pytest.importorskip("bitsandbytes")
     model = tiny_vlm(toy_tokenizer)
-    parts = {"vision": tmp_path / "vision", "llm": tmp_path / "llm"}
-    model.vision_model.save_pretrained(parts["vision"])
-    model.image_processor.save_pretrained(parts["vision"])
-    model.language_model.save_pretrained(parts["llm"])
-    toy_tokenizer.save_pretrained(parts["llm"])
+    if source == "checkpoint":
+        model.save_pretrained(tmp_path / "start")
+        start = ["--model_path", str(tmp_path / "start")]
+    else:
+        model.vision_model.save_pretrained(tmp_path / "vision")
+        model.image_processor.save_pretrained(tmp_path / "vision")
+        model.language_model.save_pretrained(tmp_path / "llm")
+        toy_tokenizer.save_pretrained(tmp_path / "llm")
+        start = ["--vision_model", str(tmp_path / "vision"), "--llm_model", str(tmp_path / "llm")]
     path, image_dir = write_llava_json(str(tmp_path / "data"), 8)
     out = tmp_path / "qlora"
-    trained = sft_train.main(["--vision_model", str(parts["vision"]), "--llm_model", str(parts["llm"]), "--data_path",
-                              path, "--image_dir", image_dir, "--output_dir", str(out), "--num_workers", "0",
-                              "--dtype", "fp32", "--batch_size", "4", "--max_steps", "2", "--save_steps", "0",
-                              "--lr", "1e-2", *LORA, bits])
+    trained = sft_train.main([*start, "--data_path", path, "--image_dir", image_dir, "--output_dir", str(out),
+                              "--num_workers", "0", "--dtype", "fp32", "--batch_size", "4", "--max_steps", "2",
+                              "--save_steps", "0", "--lr", "1e-2", *LORA, bits])
     assert type(trained.language_model.model.layers[0].mlp.up_proj.base_layer).__name__ in ("Linear4bit",
                                                                                             "Linear8bitLt")
-    saved = weights(out)
-    assert not any(".weight." in k or k.endswith("weight_format") for k in saved)  # no packed k-bit storage
     reloaded = VLM.from_pretrained(str(out)).eval()
+    # No packed k-bit storage (absmax, quant_state, SCB, ...) left over; a tied LM head is saved once.
+    assert set(weights(out)) == set(reloaded.state_dict()) - set(reloaded.all_tied_weights_keys)
+    assert "quantization_config" not in json.dumps(reloaded.config.to_dict())
     ids = torch.tensor([[1, 5, 9, 12, 30, 2]])
     with torch.no_grad():
         logits = reloaded(input_ids=ids).logits

@@ -377,6 +377,15 @@ def test_an_over_long_sample_found_mid_run(tmp_path, data, skip, capsys):
             sft_train.main(args)
 
 
+def test_a_run_whose_every_sample_fails_stops_in_one_line(tmp_path, data):
+    """With --skip_bad_samples, batches of skipped samples are passed over; when a whole epoch has none left the
+    run must stop and say why, not pass over empty batches forever."""
+    args = common_args(data, tmp_path / "run", "--preset", "tiny", "--max_steps", "2", "--save_steps", "0",
+                       "--batch_size", "4", "--max_length", "20", "--skip_bad_samples")
+    with pytest.raises(SystemExit, match="not one usable sample in a whole epoch"):
+        sft_train.main(args)
+
+
 def test_partial_checkpoint_is_ignored_and_mismatched_resume_refused(tmp_path, data):
     out = tmp_path / "run"
     args = common_args(data, out, "--preset", "tiny", "--max_steps", "2", "--save_steps", "1", "--batch_size", "4")
