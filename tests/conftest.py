@@ -47,6 +47,19 @@ def tiny_vlm(tokenizer, seed: int = 0):
     return vlm_from_preset("tiny", tokenizer).eval()
 
 
+def saved_start(model, root, source: str, tokenizer=None) -> list[str]:
+    """Save `model` as a stage would start from it, one VLM checkpoint folder or two component folders (the LLM's
+    with `tokenizer`, by default the model's), and return the stage flags that name them."""
+    if source == "checkpoint":
+        model.save_pretrained(root / "start")
+        return ["--model_path", str(root / "start")]
+    model.vision_model.save_pretrained(root / "vision")
+    model.image_processor.save_pretrained(root / "vision")
+    model.language_model.save_pretrained(root / "llm")
+    (tokenizer or model.tokenizer).save_pretrained(root / "llm")
+    return ["--vision_model", str(root / "vision"), "--llm_model", str(root / "llm")]
+
+
 def draw_image(path: str, index: int, size: int = 48) -> None:
     image = Image.new("RGB", (size, size), (255, 255, 255))
     colour = COLOURS[index % len(COLOURS)]

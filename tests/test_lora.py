@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_vlm, write_llava_json
+from conftest import ROOT, saved_start, tiny_vlm, write_llava_json
 from safetensors.torch import load_file
 from test_dpo import pair_records
 
@@ -153,16 +153,7 @@ def test_qlora_checkpoint_reloads_and_merges_without_bitsandbytes_state(tmp_path
     dequantized to exactly what the layers computed with, so it reloads, gives the trained model's logits, and
     merges."""
     pytest.importorskip("bitsandbytes")
-    model = tiny_vlm(toy_tokenizer)
-    if source == "checkpoint":
-        model.save_pretrained(tmp_path / "start")
-        start = ["--model_path", str(tmp_path / "start")]
-    else:
-        model.vision_model.save_pretrained(tmp_path / "vision")
-        model.image_processor.save_pretrained(tmp_path / "vision")
-        model.language_model.save_pretrained(tmp_path / "llm")
-        toy_tokenizer.save_pretrained(tmp_path / "llm")
-        start = ["--vision_model", str(tmp_path / "vision"), "--llm_model", str(tmp_path / "llm")]
+    start = saved_start(tiny_vlm(toy_tokenizer), tmp_path, source)
     path, image_dir = write_llava_json(str(tmp_path / "data"), 8)
     out = tmp_path / "qlora"
     trained = sft_train.main([*start, "--data_path", path, "--image_dir", image_dir, "--output_dir", str(out),

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import CORPUS, ROOT, tiny_vlm, write_llava_json
+from conftest import CORPUS, ROOT, saved_start, tiny_vlm, write_llava_json
 from safetensors.torch import load_file
 
 import pretrain_train
@@ -472,16 +472,9 @@ def test_check_data_loads_no_weights(tmp_path, toy_tokenizer, data, capsys, sour
     """--check_data needs the tokenizer, the image processor and the geometry, never the weights: here there are
     none to load (the weight files are deleted), and it still checks every sample with the true token counts."""
     model = tiny_vlm(toy_tokenizer)
-    if source == "checkpoint":
-        model.save_pretrained(tmp_path / "model")
-        flags = ["--model_path", str(tmp_path / "model")]
-    else:
-        model.vision_model.save_pretrained(tmp_path / "vision")
-        model.image_processor.save_pretrained(tmp_path / "vision")
-        model.language_model.save_pretrained(tmp_path / "llm")
-        # An LLM's own tokenizer lacks the image token: the skeleton's embeddings grow without any values.
-        make_tokenizer(CORPUS * 4, vocab_size=300, image_token="<|vision_pad|>").save_pretrained(tmp_path / "llm")
-        flags = ["--vision_model", str(tmp_path / "vision"), "--llm_model", str(tmp_path / "llm")]
+    # Components: the LLM's own tokenizer lacks the image token, so the skeleton's embeddings grow without values.
+    flags = saved_start(model, tmp_path, source, make_tokenizer(CORPUS * 4, vocab_size=300,
+                                                                 image_token="<|vision_pad|>"))
     for weights in tmp_path.glob("*/model.safetensors"):
         weights.unlink()
     sft_train.main(common_args(data, tmp_path / "check", "--check_data", *flags))
