@@ -103,6 +103,24 @@ def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return value
 
 
+def from_main(value, runtime: Runtime):
+    """Rank 0's value on every rank (a broadcast of any picklable object)."""
+    if not runtime.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gathered(items: list, runtime: Runtime) -> list:
+    """Every rank's list, joined in rank order, on every rank."""
+    if not runtime.distributed:
+        return items
+    everyone = [None] * runtime.world_size
+    dist.all_gather_object(everyone, items)
+    return [item for part in everyone for item in part]
+
+
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
@@ -710,14 +728,12 @@ def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, 
     for position in range(len(dataset)):
         offsets.append(offsets[-1] + len(dataset.sample(position).images))
     path, meta_path = os.path.join(cache_dir, "features.npy"), os.path.join(cache_dir, "meta.json")
-    decision = [None]
+    decision = None
     if runtime.is_main:  # hashing the tower is not free: rank 0 decides and tells the others
         fingerprint = cache_fingerprint(model, dataset)
         reuse = os.path.exists(meta_path) and json.load(open(meta_path)).get("fingerprint") == fingerprint
-        decision = [(fingerprint, reuse)]
-    if runtime.distributed:
-        dist.broadcast_object_list(decision, src=0)
-    fingerprint, reuse = decision[0]
+        decision = fingerprint, reuse
+    fingerprint, reuse = from_main(decision, runtime)
     if reuse:
         if runtime.is_main:
             print(f"using the cached vision features in {cache_dir}")
@@ -731,19 +747,14 @@ def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, 
         share = math.ceil(len(dataset) / runtime.world_size)
         first = min(len(dataset), runtime.rank * share)
         positions = range(first, min(len(dataset), first + share))
-        unusable = write_feature_cache(model, dataset, temporary, positions, offsets, runtime, args, autocast)
-        counts = torch.zeros(runtime.world_size, dtype=torch.long, device=runtime.device)
-        counts[runtime.rank] = offsets[positions.stop] - offsets[positions.start]
-        all_reduce_sum(counts, runtime)
-        everyone = [unusable]
-        if runtime.distributed:
-            everyone = [None] * runtime.world_size
-            dist.all_gather_object(everyone, unusable)
+        unusable = gathered(write_feature_cache(model, dataset, temporary, positions, offsets, runtime, args,
+                                                autocast), runtime)
+        images_per_rank = gathered([offsets[positions.stop] - offsets[positions.start]], runtime)
         if runtime.is_main:
             os.replace(temporary, path)
             with open(meta_path + ".tmp", "w") as f:
-                json.dump({"fingerprint": fingerprint, "images": offsets[-1], "images_per_rank": counts.tolist(),
-                           "unusable": sorted(p for part in everyone for p in part)}, f)
+                json.dump({"fingerprint": fingerprint, "images": offsets[-1], "images_per_rank": images_per_rank,
+                           "unusable": sorted(unusable)}, f)
             os.replace(meta_path + ".tmp", meta_path)
     barrier(runtime)
     dataset.unusable = set(json.load(open(meta_path))["unusable"])
@@ -795,22 +806,8 @@ def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = T
 def scan_plan(args, runtime: Runtime) -> ScanPlan:
     """The start-up scan shared over the ranks and their loader workers, its result kept in the output folder for
     a resume (it is keyed by the data files, so changed data is scanned again)."""
-    def gather(results: list) -> list:
-        if not runtime.distributed:
-            return results
-        everyone = [None] * runtime.world_size
-        dist.all_gather_object(everyone, results)
-        return [result for part in everyone for result in part]
-
-    def agree(value):
-        if not runtime.distributed:
-            return value
-        holder = [value]
-        dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-
-    return ScanPlan(runtime.rank, runtime.world_size, args.num_workers, gather,
-                    os.path.join(args.output_dir, "data_scan.json"), agree)
+    return ScanPlan(runtime.rank, runtime.world_size, args.num_workers, partial(gathered, runtime=runtime),
+                    os.path.join(args.output_dir, "data_scan.json"), partial(from_main, runtime=runtime))
 
 
 def run_stage(args, build_dataset=build_conversation_dataset, objective=None, collate=collate) -> VLM | None:
