@@ -225,7 +225,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.skip_bad_samples, self.scan = skip_bad_samples, scan or ScanPlan()
         self.tables = [(path, load_records(path)) for path in paths]
         self.index = [(t, i) for t, (_, table) in enumerate(self.tables) for i in range(len(table))]
-        self.lengths = None  # length estimates, filled by the structural scan (which parses every record anyway)
+        # Filled by the structural scan, which parses every record anyway: length estimates and image counts.
+        self.lengths = self.image_counts = None
         self.unusable: set[int] = set()  # positions found bad after the scan (stage-1 feature caching)
         if not validate:  # check_data() reports every problem itself
             return
@@ -233,15 +234,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         problems = _problems(structure)
         if problems and not skip_bad_samples:
             raise DataError(_problem_report(problems, len(self.index)))
-        self.lengths = [r.get("length") for r in structure]
         self.skipped = problems
-        if problems:
-            bad = {position for position, _ in problems}
-            self.index = [entry for position, entry in enumerate(self.index) if position not in bad]
-            self.lengths = [length for position, length in enumerate(self.lengths) if position not in bad]
-            if self.scan.rank == 0:
-                print(f"skipping {len(problems)} bad samples of {len(self.index) + len(problems)}; first: "
-                      f"{problems[0][1]}")
+        bad = {position for position, _ in problems}
+        keep = [position for position in range(len(self.index)) if position not in bad]
+        self.index = [self.index[position] for position in keep]
+        self.lengths = [structure[position]["length"] for position in keep]
+        self.image_counts = [structure[position]["images"] for position in keep]
+        if problems and self.scan.rank == 0:
+            print(f"skipping {len(problems)} bad samples of {len(self.index) + len(problems)}; first: "
+                  f"{problems[0][1]}")
         if not self.index:
             raise DataError(f"no usable samples in {', '.join(paths)}")
 
@@ -258,7 +259,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if plan.agree is not None:  # rank 0's files decide, or ranks that disagree would wait for each other
             cached = plan.agree(cached)
         if cached is not None:
-            return [{"position": p, "error": e, "length": n} for p, (e, n) in enumerate(cached["samples"])]
+            return [{"position": p, "error": e, "length": n, "images": k}
+                    for p, (e, n, k) in enumerate(cached["samples"])]
         results = self.check_all(True, range(plan.rank, len(self.index), plan.world_size), plan.workers,
                                  progress=plan.rank == 0)
         if plan.gather is not None:
@@ -267,7 +269,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         if plan.cache and plan.rank == 0:
             os.makedirs(os.path.dirname(plan.cache) or ".", exist_ok=True)
             with open(plan.cache + ".tmp", "w") as f:
-                json.dump({"key": key, "samples": [(r["error"], r.get("length")) for r in results]}, f)
+                json.dump({"key": key, "samples": [(r["error"], r.get("length"), r.get("images"))
+                                                   for r in results]}, f)
             os.replace(plan.cache + ".tmp", plan.cache)
         return results
 
@@ -335,7 +338,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 for ref in sample.images:
                     if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
                         raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
-                return {**result, "length": self._estimate_length(sample)}
+                return {**result, "length": self._estimate_length(sample), "images": len(sample.images)}
             encoded = self.processor.encode_sample(sample, self.image_dir)
         except DataError as error:
             return {**result, "error": str(error)}

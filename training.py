@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -724,9 +725,7 @@ def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, 
     (Under torchrun the cache folder must be one filesystem for all ranks, like the checkpoints.)"""
     if any(p.requires_grad for p in model.vision_model.parameters()):
         raise ValueError("--cache_vision_features needs a frozen vision tower: its features must not change")
-    offsets = [0]
-    for position in range(len(dataset)):
-        offsets.append(offsets[-1] + len(dataset.sample(position).images))
+    offsets = [0, *itertools.accumulate(dataset.image_counts)]  # the start-up scan counted each sample's images
     path, meta_path = os.path.join(cache_dir, "features.npy"), os.path.join(cache_dir, "meta.json")
     decision = None
     if runtime.is_main:  # hashing the tower is not free: rank 0 decides and tells the others
