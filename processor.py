@@ -181,11 +181,30 @@ class VLMProcessor:
         With last_reply_only, earlier replies are context, not targets (preference pairs)."""
         text, spans = self.render(self.expand_images(self.with_system_prompt(messages)))
         spans = spans[-1:] if last_reply_only else spans
-        # The tokens up to each boundary are those of the text up to it, tokenised whole: before a reply that is
-        # exactly the prompt inference tokenises. Where a token would straddle a boundary (on Qwen's vocabulary the
-        # header's newline and a reply's leading newline merge into one that neither side owns), the text from the
-        # boundary on is tokenised on its own instead. (Tokenising every piece on its own would add a word-start
-        # marker to each reply with SentencePiece-style tokenizers, Llama-2's and Mistral's.)
+        # Tokenised whole, the text gives exactly the prompt inference tokenises, as long as no token straddles a
+        # reply's start or end (the common case: one tokenisation, labels from its offsets). Where one does (on
+        # Qwen's vocabulary the header's newline and a reply's leading newline merge into one token that neither
+        # side owns), the conversation is tokenised boundary by boundary instead.
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        boundaries = [boundary for span in spans for boundary in span]
+        if any(start < boundary < end for start, end in encoding["offset_mapping"] for boundary in boundaries):
+            input_ids, labels = self._tokens_boundary_by_boundary(text, spans)
+        else:
+            input_ids = encoding["input_ids"]
+            labels = [token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX
+                      for token, (offset, _) in zip(input_ids, encoding["offset_mapping"])]
+        if len(input_ids) > self.max_length:
+            num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+            raise DataError(f"{where}: {len(input_ids)} tokens (with {num_images} x {self.num_image_tokens} image "
+                            f"tokens) exceed max_length {self.max_length}; cutting it would cut image tokens or a "
+                            f"reply. Raise --max_length or pass --skip_bad_samples to drop such samples")
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+
+    def _tokens_boundary_by_boundary(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """The tokens up to each boundary are those of the text up to it, tokenised whole (before a reply, the
+        prompt as inference tokenises it); where that would rewrite tokens already placed, the text from the last
+        boundary is tokenised on its own. (Tokenising every piece on its own would add a word-start marker to each
+        reply with SentencePiece-style tokenizers, Llama-2's and Mistral's.)"""
         input_ids, labels, position = [], [], 0
         for start, end in [*spans, (len(text), len(text))]:
             for boundary, supervised in ((start, False), (end, True)):
@@ -199,12 +218,7 @@ class VLMProcessor:
                 input_ids += new
                 labels += new if supervised else [IGNORE_INDEX] * len(new)
                 position = boundary
-        if len(input_ids) > self.max_length:
-            num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-            raise DataError(f"{where}: {len(input_ids)} tokens (with {num_images} x {self.num_image_tokens} image "
-                            f"tokens) exceed max_length {self.max_length}; cutting it would cut image tokens or a "
-                            f"reply. Raise --max_length or pass --skip_bad_samples to drop such samples")
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        return input_ids, labels
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
         if not images:
