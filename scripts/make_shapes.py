@@ -145,7 +145,10 @@ def preference_pairs(scene: list[dict], rng: random.Random, zh: bool) -> list[tu
         question, answer = ask_existence(scene, rng, zh, present)
         pairs.append((question, answer, {"Yes": "No", "No": "Yes", "是": "否", "否": "是"}[answer]))
     question, answer = ask("count", scene, rng, zh)
-    pairs.append((question, answer, str(len(scene) + 1)))  # one object too many
+    # Any wrong count, fewer as often as more: were it always "one too many", DPO could lower every count instead of
+    # reading the image (measured: after DPO, count exact match fell from 100% to 59%, most answers one too few).
+    wrong = rng.choice([n for n in range(1, len(CELLS) + 1) if n != len(scene)])
+    pairs.append((question, answer, str(wrong)))
     return pairs
 
 

@@ -105,3 +105,16 @@ def test_generator_is_deterministic_and_answers_match_the_scene(tmp_path):
             assert answer == ("Yes" if any(o[key] == value for o in scene) else "No") == ("Yes" if present else "No")
         question, answer = make_shapes.ask("count", scene, rng, zh=False)
         assert answer == str(len(scene))
+
+
+def test_preference_pairs_reject_counts_on_both_sides_of_the_truth():
+    """A rejected count that is always too high lets DPO lower every count instead of reading the image."""
+    rng = random.Random(0)
+    sides = []
+    for _ in range(400):
+        scene = make_shapes.random_scene(rng)
+        (question, chosen, rejected), = [p for p in make_shapes.preference_pairs(scene, rng, zh=False)
+                                         if p[0].startswith("How many")]
+        assert chosen == str(len(scene)) and rejected != chosen and 1 <= int(rejected) <= 4
+        sides.append(int(rejected) > len(scene))
+    assert 0.35 < sum(sides) / len(sides) < 0.65
