@@ -2,8 +2,9 @@
 
     python eval_vlm.py --model_path DIR --data_path FILE --image_dir DIR --output PRED.jsonl
 
-FILE is JSONL of {"image", "question", "answer"[, "type"]} or LLaVA-format records (the first user turn is the
-question, the first reply the answer; a "type" or "category" field groups them). Answers are generated greedily in
+FILE is JSONL of {"image", "question", "answer"[, "type"]}, LLaVA-format records (the first user turn is the
+question, the first reply the answer), or parquet that carries its images as POPE and MME ship (a file or a folder
+of shards); a "type" or "category" field groups the questions. Answers are generated greedily in
 batches and written to --output; the metrics are printed, their last line one JSON object:
 
 - exact match after normalisation (case, punctuation, articles, surrounding space), overall and per question type;
@@ -17,6 +18,7 @@ batches and written to --output; the metrics are printed, their last line one JS
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -77,7 +79,11 @@ def compute_metrics(records: list[dict]) -> dict:
 
 
 def read_questions(path: str) -> list[dict]:
-    """{"id", "image", "question", "answer", "type"} from JSONL questions or LLaVA-format records."""
+    """{"id", "image", "question", "answer", "type"} from JSONL questions, LLaVA-format records, or parquet files
+    that carry their images (a file, or a folder of shards as `hf download` leaves POPE and MME)."""
+    if path.endswith(".parquet") or os.path.isdir(path):
+        return [question_of(row, f"{where}: row {i}") for where, rows in parquet_rows(path)
+                for i, row in enumerate(rows)]
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -97,6 +103,21 @@ def read_questions(path: str) -> list[dict]:
     return [question_of(row, f"{path}: record {i}") for i, row in enumerate(rows)]
 
 
+def parquet_rows(path: str):
+    """(file, its rows) for a parquet file or every parquet file below a folder; images stay encoded until used."""
+    import pyarrow.parquet as pq
+
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.parquet"),
+                                                                 recursive=True))
+    if not files:
+        raise SystemExit(f"{path}: no such file" if not os.path.isdir(path) else f"{path}: no parquet files in it")
+    for file in files:
+        try:
+            yield file, pq.read_table(file).to_pylist()
+        except Exception as error:  # pyarrow's errors name the damage, not the file
+            raise SystemExit(f"{file}: not a readable parquet file: {error}") from None
+
+
 def question_of(row: dict, where: str) -> dict:
     if not isinstance(row, dict):
         raise SystemExit(f"{where}: not a JSON object")
@@ -113,7 +134,8 @@ def question_of(row: dict, where: str) -> dict:
     if missing:
         raise SystemExit(f"{where}: no {' or '.join(missing)}")
     extra = {k: v for k, v in row.items() if k != "conversations"}  # e.g. "lang", kept in the predictions
-    return {**extra, "id": row.get("id", where), "image": row.get("image"), "question": question, "answer": answer,
+    return {**extra, "id": row.get("id") or row.get("question_id") or where, "image": row.get("image"),
+            "question": question, "answer": answer,
             "type": row.get("type") or row.get("category") or "all"}
 
 
@@ -129,20 +151,29 @@ def predict(args, questions: list[dict]) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VLM.from_pretrained(args.model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
     print(f"precision: {describe_precision(args.dtype, device, how='weights')}")
-    images = {}
-    for q in questions:
-        if q["image"] and q["image"] not in images:
-            try:
-                images[q["image"]] = open_image(q["image"], args.image_dir, f"{args.data_path}: {q['id']}")
-            except DataError as error:
-                raise SystemExit(str(error)) from None
+    def image_of(q: dict):
+        try:
+            return open_image(q["image"], args.image_dir, f"{args.data_path}: {q['id']}")
+        except DataError as error:
+            raise SystemExit(str(error)) from None
+
+    # Image files are decoded before any answer is generated, so a missing or broken one stops the run at once;
+    # images carried inside the question file are decoded as their batch comes (a POPE file holds thousands).
+    files = {q["image"]: image_of(q) for q in questions if isinstance(q["image"], str) and q["image"]}
     results = []
     for start in tqdm(range(0, len(questions), args.batch_size), desc="eval", unit="batch"):
         batch = questions[start:start + args.batch_size]
-        answers = model.batch_chat([images.get(q["image"]) for q in batch], [q["question"] for q in batch],
-                                   max_new_tokens=args.max_new_tokens)
+        images = [files.get(q["image"]) if isinstance(q["image"], str) or q["image"] is None else image_of(q)
+                  for q in batch]
+        answers = model.batch_chat(images, [q["question"] for q in batch], max_new_tokens=args.max_new_tokens)
         results += [{**q, "prediction": a} for q, a in zip(batch, answers)]
     return results
+
+
+def image_name(image) -> str | None:
+    """What a predictions file records of an image: its path, not the bytes a parquet row carries."""
+    return image if isinstance(image, str) or image is None else (image.get("path") if isinstance(image, dict)
+                                                                   else None)
 
 
 def print_metrics(metrics: dict) -> None:
@@ -163,7 +194,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model_path", help="a VLM checkpoint folder")
-    parser.add_argument("--data_path", help="questions: JSONL or LLaVA-format JSON/JSONL")
+    parser.add_argument("--data_path", help="questions: JSONL, LLaVA-format JSON/JSONL, or parquet (file or folder)")
     parser.add_argument("--image_dir", default=None, help="folder the image paths are relative to")
     parser.add_argument("--output", default=None, help="write one JSON line per question with its prediction")
     parser.add_argument("--predictions", default=None, help="score this predictions file instead of generating")
@@ -185,7 +216,8 @@ def main(argv=None):
         parser.error("give --model_path and --data_path, or --predictions")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+            f.writelines(json.dumps({**r, "image": image_name(r.get("image"))}, ensure_ascii=False) + "\n"
+                         for r in results)
     metrics = compute_metrics(results)
     print_metrics(metrics)
     return metrics

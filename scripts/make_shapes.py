@@ -8,6 +8,7 @@ random size and jitter inside its cell. From each scene the generator writes:
     dpo.json        preference pairs {"image", "question", "chosen", "rejected"}: the rejected answer hallucinates
     eval.jsonl      held-out single questions {"image", "question", "answer", "type", "lang"} for eval_vlm.py
     eval_captions.jsonl  the same held-out images to describe, with the objects a caption should name
+    eval.parquet    the held-out questions with their images inside, as POPE and MME ship on the Hub
     images/         the PNGs, named by split
     tokenizer/      a byte-level BPE learnt from every phrase the generator can write, with Qwen's chat template
 
@@ -217,11 +218,27 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
         for file_name, rows in (("eval.jsonl", records), ("eval_captions.jsonl", captions)):
             with open(os.path.join(output_dir, file_name), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        write_parquet_with_images(records, image_dir, os.path.join(output_dir, "eval.parquet"))
     else:
         path = os.path.join(output_dir, f"{kind}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(records, f, ensure_ascii=False)
     return path
+
+
+def write_parquet_with_images(records: list[dict], image_dir: str, path: str) -> None:
+    """The questions with their images inside, laid out as POPE and MME ship on the Hub (question_id, question,
+    answer, category, image): what eval_vlm.py and the lmms-eval task benchmarks/lmms_tasks/shapes_qa read."""
+    import datasets
+
+    rows = []
+    for r in records:
+        with open(os.path.join(image_dir, r["image"]), "rb") as f:
+            image = {"bytes": f.read(), "path": r["image"]}
+        rows.append({"question_id": r["id"], "question": r["question"], "answer": r["answer"],
+                     "category": r["type"], "lang": r["lang"], "image": image})
+    table = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    table.to_parquet(path)
 
 
 def write_tokenizer(output_dir: str, vocab_size: int) -> str:

@@ -118,3 +118,24 @@ def test_preference_pairs_reject_counts_on_both_sides_of_the_truth():
         assert chosen == str(len(scene)) and rejected != chosen and 1 <= int(rejected) <= 4
         sides.append(int(rejected) > len(scene))
     assert 0.35 < sum(sides) / len(sides) < 0.65
+
+
+def test_parquet_questions_carrying_their_images_read_like_the_jsonl(tmp_path):
+    """POPE and MME ship as parquet with the image inside each row: a file, or a folder of shards."""
+    make_shapes.main(["--kind", "eval", "--output_dir", str(tmp_path), "--num_samples", "3", "--seed", "3"])
+    shards = tmp_path / "hub" / "data"
+    shards.mkdir(parents=True)
+    (shards / "test-00000-of-00001.parquet").write_bytes((tmp_path / "eval.parquet").read_bytes())
+    from_jsonl = read_questions(str(tmp_path / "eval.jsonl"))
+    for source in (tmp_path / "eval.parquet", tmp_path / "hub"):
+        rows = read_questions(str(source))
+        assert [(r["id"], r["question"], r["answer"], r["type"]) for r in rows] == \
+            [(r["id"], r["question"], r["answer"], r["type"]) for r in from_jsonl]
+        for row, reference in zip(rows, from_jsonl):
+            assert row["image"]["path"] == reference["image"] == eval_vlm.image_name(row["image"])
+            assert row["image"]["bytes"] == (tmp_path / "images" / reference["image"]).read_bytes()
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SystemExit, match="broken.parquet: not a readable parquet file"):
+        read_questions(str(tmp_path / "broken.parquet"))
+    with pytest.raises(SystemExit, match="no parquet files in it"):
+        read_questions(str(tmp_path / "images"))
