@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, VLMProcessor
+from processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, VLMProcessor, image_size, num_views
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_COLUMNS = ("image", "images", "image_bytes")
@@ -225,8 +225,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.skip_bad_samples, self.scan = skip_bad_samples, scan or ScanPlan()
         self.tables = [(path, load_records(path)) for path in paths]
         self.index = [(t, i) for t, (_, table) in enumerate(self.tables) for i in range(len(table))]
-        # Filled by the structural scan, which parses every record anyway: length estimates and image counts.
-        self.lengths = self.image_counts = None
+        # Filled by the structural scan, which parses every record anyway: length estimates and the views the tower
+        # encodes per sample (one per image, more with tiling).
+        self.lengths = self.view_counts = None
         self.unusable: set[int] = set()  # positions found bad after the scan (stage-1 feature caching)
         if not validate:  # check_data() reports every problem itself
             return
@@ -239,7 +240,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         keep = [position for position in range(len(self.index)) if position not in bad]
         self.index = [self.index[position] for position in keep]
         self.lengths = [structure[position]["length"] for position in keep]
-        self.image_counts = [structure[position]["images"] for position in keep]
+        self.view_counts = [structure[position]["images"] for position in keep]
         if problems and self.scan.rank == 0:
             print(f"skipping {len(problems)} bad samples of {len(self.index) + len(problems)}; first: "
                   f"{problems[0][1]}")
@@ -279,7 +280,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         the record format and the image token count in the length estimates."""
         files = [(name, os.path.getsize(name), os.path.getmtime(name)) for path, _ in self.tables
                  for name in data_files(path)]
-        return json.dumps([files, self.image_dir, self.parse.__name__, self.processor.num_image_tokens])
+        return json.dumps([files, self.image_dir, self.parse.__name__, self.processor.num_image_tokens,
+                           self.processor.max_tiles, self.processor.tile_size])
 
     def sample(self, position: int) -> Sample:
         table_index, row = self.index[position]
@@ -296,9 +298,17 @@ class ConversationDataset(torch.utils.data.Dataset):
             return self.lengths[position]
         return self._estimate_length(self.sample(position))
 
-    def _estimate_length(self, sample: Sample) -> int:
+    def _estimate_length(self, sample: Sample, views: int | None = None) -> int:
         text = sum(len(message["content"]) for message in sample.messages) + len(sample.rejected or "")
-        return text + 4 * self.processor.num_image_tokens * len(sample.images)
+        return text + 4 * self.processor.num_image_tokens * (len(sample.images) if views is None else views)
+
+    def _views(self, sample: Sample) -> int:
+        """Views the tower encodes for the sample: one per image, or with tiling each image's tiles and global view
+        (the tile grid comes from the image's size, read from its header)."""
+        if self.processor.max_tiles <= 1:
+            return len(sample.images)
+        sizes = [image_size(ref, self.image_dir, sample.where) for ref in sample.images]
+        return sum(num_views(grid) for grid in self.processor.grids(sizes))
 
     feature_cache = None  # set by training.attach_feature_cache: stage-1 tower outputs, one row per image
 
@@ -338,7 +348,8 @@ class ConversationDataset(torch.utils.data.Dataset):
                 for ref in sample.images:
                     if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
                         raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
-                return {**result, "length": self._estimate_length(sample), "images": len(sample.images)}
+                views = self._views(sample)
+                return {**result, "length": self._estimate_length(sample, views), "images": views}
             encoded = self.processor.encode_sample(sample, self.image_dir)
         except DataError as error:
             return {**result, "error": str(error)}

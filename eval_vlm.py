@@ -150,6 +150,8 @@ def predict(args, questions: list[dict]) -> list[dict]:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VLM.from_pretrained(args.model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
+    if getattr(args, "max_tiles", None):
+        model.config.max_tiles = args.max_tiles
     print(f"precision: {describe_precision(args.dtype, device, how='weights')}")
     def image_of(q: dict):
         try:
@@ -201,6 +203,8 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="longest answer")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    parser.add_argument("--max_tiles", type=int, default=None,
+                        help="dynamic resolution: tiles per image plus a global view (default: the checkpoint's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights' dtype; auto: bf16 on GPUs that have it (else fp16), on a CPU bf16 where it "
                              "measures clearly faster than fp32")

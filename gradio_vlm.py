@@ -45,6 +45,8 @@ def load_model(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
     model = VLM.from_pretrained(resolve_model_path(args.model_path)).to(device=device, dtype=dtype).eval()
+    if getattr(args, "max_tiles", None):
+        model.config.max_tiles = args.max_tiles
     print(f"loaded {model.name_or_path} on {device}; precision: "
           f"{describe_precision(args.dtype, device, how='weights')}")
     return model
@@ -189,6 +191,8 @@ def main(argv=None):
                         help="a VLM checkpoint folder (default: the first found of "
                              + ", ".join(MAIN_JOB_CHECKPOINTS) + ")")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--max_tiles", type=int, default=None,
+                        help="dynamic resolution: tiles per image plus a global view (default: the checkpoint's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights' dtype; auto: bf16 on GPUs that have it (else fp16), on a CPU bf16 where it "
                              "measures clearly faster than fp32")

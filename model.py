@@ -67,6 +67,9 @@ class VLMConfig(PreTrainedConfig):
     # vision config's image_size: a DINOv2 folder declares 518 while its processor crops 224. None: the config's.
     image_size: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # Dynamic resolution: an image is cut into up to this many tiles of the tower's input size (the grid that fits
+    # its aspect ratio best) plus a global view, each view num_image_tokens tokens. 1: one view, whatever the image.
+    max_tiles: int = 1
     # LoRA adapters, when the model carries them: {"r", "alpha", "dropout", "towers": ["llm"] or ["llm", "vision"]}.
     # Kept in the config so that from_pretrained rebuilds the adapters before loading their weights.
     lora: dict | None = None

@@ -111,6 +111,63 @@ def open_image(ref, image_dir: str | None, where: str) -> Image.Image:
         raise DataError(f"{where}: cannot decode image {ref if isinstance(ref, str) else ''}: {error}") from None
 
 
+def image_size(ref, image_dir: str | None, where: str) -> tuple[int, int]:
+    """An image's (width, height) from its header, without decoding the pixels (cached features need no pixels)."""
+    try:
+        if isinstance(ref, Image.Image):
+            return ref.size
+        if isinstance(ref, dict):
+            return image_size(ref.get("bytes") or ref.get("path"), image_dir, where)
+        source = io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else (
+            ref if os.path.isabs(ref) or image_dir is None else os.path.join(image_dir, ref))
+        with Image.open(source) as image:
+            return image.size
+    except Exception as error:
+        raise DataError(f"{where}: cannot read the size of image {ref if isinstance(ref, str) else ''}: "
+                        f"{error}") from None
+
+
+# ==================================================================== dynamic resolution: tiles + a global view
+def tile_grid(width: int, height: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """(rows, cols) of tile x tile squares to cut an image into, at most max_tiles of them: the grid that keeps the
+    most of the image's pixels once the image is scaled to fill it (upscaling earns nothing), then the one that
+    wastes the least area (LLaVA-NeXT's rule). So a wide image gets a wide grid, and an image no bigger than one tile
+    stays a single view instead of being blown up into blurry tiles."""
+    best, best_key = (1, 1), None
+    for rows in range(1, max_tiles + 1):
+        for cols in range(1, max_tiles // rows + 1):
+            scale = min(cols * tile / width, rows * tile / height)
+            kept = min(width * height * scale * scale, width * height)
+            key = (round(kept), -(rows * cols * tile * tile - kept))
+            if best_key is None or key > best_key:
+                best, best_key = (rows, cols), key
+    return best
+
+
+def num_views(grid: tuple[int, int]) -> int:
+    """Views the tower encodes for an image cut into `grid`: its tiles plus a global view, or just the image."""
+    rows, cols = grid
+    return 1 if rows * cols == 1 else rows * cols + 1
+
+
+def placeholder_text(grid: tuple[int, int], pads: str) -> str:
+    rows, cols = grid
+    if rows * cols == 1:
+        return pads
+    lines = ["".join(f"<tile {r},{c}>{pads}" for c in range(1, cols + 1)) for r in range(1, rows + 1)]
+    return "\n".join(lines) + f"\n<global>{pads}"
+
+
+def cut_tiles(image: Image.Image, grid: tuple[int, int], tile: int) -> list[Image.Image]:
+    """The image resized to the grid (bicubic) and cut into its tiles, row by row."""
+    rows, cols = grid
+    if rows * cols == 1:
+        return []
+    resized = image.resize((cols * tile, rows * tile), Image.BICUBIC)
+    return [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+            for r in range(rows) for c in range(cols)]
+
+
 # ==================================================================== chat template -> tokens and labels
 @dataclass
 class VLMProcessor:
@@ -122,6 +179,8 @@ class VLMProcessor:
     image_token: str = "<|image_pad|>"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_length: int = 2048
+    max_tiles: int = 1  # dynamic resolution: up to this many encoder-sized tiles per image, plus a global view
+    tile_size: int | None = None  # the side of the square the vision tower sees (needed when max_tiles > 1)
     image_token_id: int = field(init=False)
 
     def __post_init__(self):
@@ -131,7 +190,7 @@ class VLMProcessor:
     def from_model(cls, model, max_length: int = 2048) -> VLMProcessor:
         config = model.config
         return cls(model.tokenizer, model.image_processor, config.num_image_tokens, config.image_token,
-                   config.system_prompt, max_length)
+                   config.system_prompt, max_length, config.max_tiles, config.input_size)
 
     @property
     def pad_token_id(self) -> int:
@@ -152,9 +211,34 @@ class VLMProcessor:
             return messages
         return [{"role": "system", "content": system_prompt or self.system_prompt}] + messages
 
-    def expand_images(self, messages: list[dict]) -> list[dict]:
+    # ---------------------------------------------------------------- images: views and their placeholders
+    def grid_of(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of tiles for an image of this (width, height); (1, 1): one view, as without tiling."""
+        if self.max_tiles <= 1:
+            return (1, 1)
+        return tile_grid(*image_size, self.max_tiles, self.tile_size)
+
+    def image_tokens(self, grid: tuple[int, int]) -> int:
+        """Image tokens for an image cut into `grid`: one view per tile, plus the global view when there are tiles."""
+        return self.num_image_tokens * num_views(grid)
+
+    def expand_images(self, messages: list[dict], grids: list[tuple[int, int]] | None = None) -> list[dict]:
+        """Each `<image>` -> its image tokens; `grids` gives each image's tile grid in placeholder order (None: one
+        view each). A tiled image's views are told apart by text the tokenizer reads, one line per row of tiles,
+        then the global view:  <tile 1,1>PADS<tile 1,2>PADS / <tile 2,1>PADS<tile 2,2>PADS / <global>PADS."""
         pads = self.image_token * self.num_image_tokens
-        return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, pads)} for m in messages]
+        if grids is None:
+            return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, pads)} for m in messages]
+        remaining = iter(grids)
+
+        def expand(text: str) -> str:
+            pieces = text.split(IMAGE_PLACEHOLDER)
+            return pieces[0] + "".join(placeholder_text(next(remaining), pads) + piece for piece in pieces[1:])
+
+        expanded = [{**m, "content": expand(m["content"])} for m in messages]
+        if next(remaining, None) is not None:
+            raise ValueError(f"{len(grids)} image grids for fewer <image> placeholders")
+        return expanded
 
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """Full text of the conversation and the character spans to supervise: each assistant reply plus its
@@ -176,10 +260,12 @@ class VLMProcessor:
             text = rendered
         return text, spans
 
-    def encode_chat(self, messages: list[dict], where: str = "sample", last_reply_only: bool = False) -> dict:
-        """input_ids and labels for a training conversation whose `<image>` placeholders are still unexpanded.
-        With last_reply_only, earlier replies are context, not targets (preference pairs)."""
-        text, spans = self.render(self.expand_images(self.with_system_prompt(messages)))
+    def encode_chat(self, messages: list[dict], where: str = "sample", last_reply_only: bool = False,
+                    grids: list[tuple[int, int]] | None = None) -> dict:
+        """input_ids and labels for a training conversation whose `<image>` placeholders are still unexpanded
+        (`grids`: each image's tile grid, None for one view each). With last_reply_only, earlier replies are
+        context, not targets (preference pairs)."""
+        text, spans = self.render(self.expand_images(self.with_system_prompt(messages), grids))
         spans = spans[-1:] if last_reply_only else spans
         # Tokenised whole, the text gives exactly the prompt inference tokenises, as long as no token straddles a
         # reply's start or end (the common case: one tokenisation, labels from its offsets). Where one does (on
@@ -195,9 +281,11 @@ class VLMProcessor:
                       for token, (offset, _) in zip(input_ids, encoding["offset_mapping"])]
         if len(input_ids) > self.max_length:
             num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-            raise DataError(f"{where}: {len(input_ids)} tokens (with {num_images} x {self.num_image_tokens} image "
-                            f"tokens) exceed max_length {self.max_length}; cutting it would cut image tokens or a "
-                            f"reply. Raise --max_length or pass --skip_bad_samples to drop such samples")
+            images = (f"{num_images} x {self.num_image_tokens} image tokens" if grids is None else
+                      f"{sum(map(self.image_tokens, grids))} image tokens in the views of {num_images} image(s)")
+            raise DataError(f"{where}: {len(input_ids)} tokens (with {images}) exceed max_length {self.max_length}; "
+                            f"cutting it would cut image tokens or a reply. Raise --max_length or pass "
+                            f"--skip_bad_samples to drop such samples")
         return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
 
     def _tokens_boundary_by_boundary(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -220,20 +308,43 @@ class VLMProcessor:
                 position = boundary
         return input_ids, labels
 
+    def grids(self, images: list) -> list[tuple[int, int]] | None:
+        """Each image's tile grid (PIL images or their (width, height)); None when nothing is tiled."""
+        if self.max_tiles <= 1:
+            return None
+        return [self.grid_of(image.size if isinstance(image, Image.Image) else image) for image in images]
+
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
+        """Every view of every image, in placeholder order: an image's tiles row by row, then its global view (the
+        whole image as the image processor makes it, which is the only view of an image that is not tiled)."""
         if not images:
             return None
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        whole = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        grids = self.grids(images)
+        if grids is None or all(num_views(grid) == 1 for grid in grids):
+            return whole
+        tiles = [tile for image, grid in zip(images, grids) for tile in cut_tiles(image, grid, self.tile_size)]
+        # The tiles are already the tower's size: normalised only, never resized or cropped again.
+        as_is = {key: False for key in ("do_resize", "do_center_crop") if getattr(self.image_processor, key, False)}
+        tiled = iter(self.image_processor(images=tiles, return_tensors="pt", **as_is)["pixel_values"])
+        views = []
+        for i, grid in enumerate(grids):
+            views += [next(tiled) for _ in range(num_views(grid) - 1)] + [whole[i]]
+        return torch.stack(views)
 
     def encode_sample(self, sample, image_dir: str | None, decode_images: bool = True) -> dict:
         """input_ids, labels, pixel_values; for a preference sample also rejected_input_ids / rejected_labels,
         each supervising only its final reply. Without decode_images, pixel_values is None (cached features)."""
         images = [open_image(ref, image_dir, sample.where) for ref in sample.images] if decode_images else []
+        grids = None
+        if self.max_tiles > 1:  # the tile grids come from the image sizes (a header read, with cached features)
+            grids = self.grids(images if decode_images else
+                               [image_size(ref, image_dir, sample.where) for ref in sample.images])
         pair = sample.rejected is not None
-        encoded = self.encode_chat(sample.messages, sample.where, last_reply_only=pair)
+        encoded = self.encode_chat(sample.messages, sample.where, last_reply_only=pair, grids=grids)
         if pair:
             rejected = sample.messages[:-1] + [{"role": "assistant", "content": sample.rejected}]
-            for key, value in self.encode_chat(rejected, sample.where, last_reply_only=True).items():
+            for key, value in self.encode_chat(rejected, sample.where, last_reply_only=True, grids=grids).items():
                 encoded[f"rejected_{key}"] = value
         encoded["pixel_values"] = self.pixel_values(images)
         return encoded
@@ -254,12 +365,14 @@ class VLMProcessor:
         histories = histories or [None] * len(questions)
         rows, pixel_images = [], []
         for image, question, history in zip(images, questions, histories, strict=True):
+            image = None if image is None else open_image(image, None, "chat input")
             messages = self.expand_images(self.with_system_prompt(
-                self.generation_messages(image, question, history), system_prompt))
+                self.generation_messages(image, question, history), system_prompt),
+                self.grids([image] if image is not None else []))
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             if image is not None:
-                pixel_images.append(open_image(image, None, "chat input"))
+                pixel_images.append(image)
         width = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

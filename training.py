@@ -180,9 +180,9 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
     their configs and processors only, their parameters on the meta device."""
     if not weights and not args.preset:
         where = "--model_path" if args.model_path else "--vision_model / --llm_model"
-        return loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
-                      lambda: vlm_without_weights(args.model_path, args.vision_model, args.llm_model,
-                                                  args.image_size))
+        return with_max_tiles(loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
+                                     lambda: vlm_without_weights(args.model_path, args.vision_model, args.llm_model,
+                                                                 args.image_size)), args)
     quantization = quantization_config(args)
     if args.model_path:
         model = loaded("--model_path", args.model_path, lambda: VLM.from_pretrained(args.model_path, **quantization))
@@ -209,6 +209,15 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     if args.lora and not model.config.lora:
         model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target)
+    return with_max_tiles(model, args)
+
+
+def with_max_tiles(model: VLM, args) -> VLM:
+    """--max_tiles goes into the config, so the checkpoints this run saves tile as it trained."""
+    if args.max_tiles is not None:
+        if args.max_tiles < 1:
+            raise SystemExit(f"--max_tiles {args.max_tiles}: give 1 (one view per image) or more tiles")
+        model.config.max_tiles = args.max_tiles
     return model
 
 
@@ -725,7 +734,7 @@ def attach_feature_cache(model: VLM, dataset, cache_dir: str, runtime: Runtime, 
     (Under torchrun the cache folder must be one filesystem for all ranks, like the checkpoints.)"""
     if any(p.requires_grad for p in model.vision_model.parameters()):
         raise ValueError("--cache_vision_features needs a frozen vision tower: its features must not change")
-    offsets = [0, *itertools.accumulate(dataset.image_counts)]  # the start-up scan counted each sample's images
+    offsets = [0, *itertools.accumulate(dataset.view_counts)]  # the start-up scan counted each sample's views
     path, meta_path = os.path.join(cache_dir, "features.npy"), os.path.join(cache_dir, "meta.json")
     decision = None
     if runtime.is_main:  # hashing the tower is not free: rank 0 decides and tells the others
@@ -862,7 +871,9 @@ def describe_run(model: VLM, dataset, runtime: Runtime, args) -> None:
               for key in MODULE_PREFIXES}
     parts = ", ".join(f"{key} {total / 1e6:.2f}M (" + (f"{trained:,} trained" if trained else "frozen") + ")"
                       for key, (total, trained) in counts.items())
-    print(f"model: {parts}; {model.config.num_image_tokens} image tokens per image")
+    tiles = model.config.max_tiles
+    views = "" if tiles == 1 else f" per view (up to {tiles} tiles + a global view per image)"
+    print(f"model: {parts}; {model.config.num_image_tokens} image tokens per image{views}")
     print(f"data: {len(dataset)} samples; {runtime.world_size} process(es) x batch {args.batch_size} x "
           f"accumulation {args.grad_accum} on {runtime.device}")
     print(f"precision: {describe_precision(args.dtype, runtime.device)}")

@@ -35,6 +35,10 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     model.add_argument("--image_size", type=int, default=None,
                        help="with the two components: resize every image to this square for the vision tower "
                             "(fewer patches and image tokens); default: what its image processor does")
+    model.add_argument("--max_tiles", type=int, default=None,
+                       help="dynamic resolution: cut each image into up to this many tower-sized tiles (the grid "
+                            "that fits its aspect ratio) plus a global view; default: the checkpoint's setting, "
+                            "1 (one view per image) for a new model")
     model.add_argument("--preset", default=None, choices=["tiny", "small", "real"],
                        help="build a randomly initialised VLM of a named size instead of loading components")
     model.add_argument("--tokenizer", default=None,
