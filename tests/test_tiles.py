@@ -177,3 +177,19 @@ def test_stage_1_with_tiles_caches_one_row_per_view_and_saves_the_setting(tmp_pa
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     assert meta["images"] == 16 and np.load(tmp_path / "cache" / "features.npy").shape[:2] == (16, 16)
     assert VLM.from_pretrained(tmp_path / "out").config.max_tiles == 4
+
+
+def test_the_readme_picture_script_draws_the_processors_cut(tmp_path):
+    import os
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import show_tiles
+
+    path = show_tiles.main(["--output", str(tmp_path / "tiles.png")])
+    rows, cols = tile_grid(1152, 768, 6, 384)
+    assert (rows, cols) == (2, 3)
+    gap = show_tiles.GAP  # three tiles and the global view across, two rows of tiles down
+    assert Image.open(path).size == (cols * (384 + gap) + 384 + 3 * gap, rows * (384 + gap) + 2 * gap)
