@@ -82,13 +82,16 @@ class ChatSession:
                           self.model.processor().tokenizer)
 
     def _reusable_prefix(self, input_ids: torch.Tensor) -> int:
-        """How many leading tokens the cache can serve (at least one new token must remain to be computed)."""
+        """How many leading tokens the cache can serve (at least one new token must remain to be computed). None
+        unless the shared prefix covers every image token: a step from the cache encodes no image (a changed system
+        prompt, say, ends the shared prefix before the image)."""
         if self._cache is None:
             return 0
         cached = self._ids[0, : self._cache.get_seq_length()]
         width = min(len(cached), input_ids.shape[1] - 1)
-        same = (cached[:width] == input_ids[0, :width]).long()
-        return int(same.cumprod(0).sum())
+        same = int((cached[:width] == input_ids[0, :width]).long().cumprod(0).sum())
+        image_positions = (input_ids[0] == self.model.config.image_token_id).nonzero()
+        return 0 if len(image_positions) and same <= int(image_positions[-1]) else same
 
 
 def generation_defaults(processor, generation_kwargs: dict) -> dict:

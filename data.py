@@ -349,6 +349,10 @@ class ConversationDataset(torch.utils.data.Dataset):
                     if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
                         raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
                 views = self._views(sample)
+                if views * self.processor.num_image_tokens > self.processor.max_length:  # known before any batch
+                    raise DataError(f"{sample.where}: its {views} image view(s) alone take "
+                                    f"{views * self.processor.num_image_tokens} tokens, more than max_length "
+                                    f"{self.processor.max_length}. Raise --max_length (or lower --max_tiles)")
                 return {**result, "length": self._estimate_length(sample, views), "images": views}
             encoded = self.processor.encode_sample(sample, self.image_dir)
         except DataError as error:

@@ -10,7 +10,7 @@ and hands the command line to lmms-eval. (The project is a folder of scripts, no
 lmms-eval's entry-point plugins cannot find it; registering first is the route lmms-eval leaves for that.)
 
 model_args: pretrained (a checkpoint folder or Hub id), dtype (auto | bf16 | fp16 | fp32), device (default: this
-process's GPU, else the CPU), system_prompt (default: the checkpoint's own).
+process's GPU, else the CPU), system_prompt (default: the checkpoint's own), max_tiles (default: the checkpoint's).
 
 What the adapter does with a task's requests:
 - generate_until: greedy unless the task sets temperature > 0, batched through `VLM.batch_chat` (the checkpoint's
@@ -21,7 +21,8 @@ What the adapter does with a task's requests:
   go without an image. A sample with several images or a video is refused with its task and document named: the
   model places one image per conversation.
 - loglikelihood (multiple-choice tasks that score options): the summed log-probability of the continuation as the
-  start of the assistant's reply, and whether greedy decoding would produce it.
+  start of the assistant's reply (without the space lmms-eval puts before an option: a reply starts after the
+  header's newline), and whether greedy decoding would produce it.
 - generate_until_multi_round is not supported (no task of the recipe's suite uses it).
 """
 
@@ -48,14 +49,21 @@ class MaryVLM(lmms):
     is_simple = True  # takes the task's prompt text and images (doc_to_text / doc_to_visual)
 
     def __init__(self, pretrained: str, dtype: str = "auto", device: str | None = None, batch_size: int | str = 1,
-                 system_prompt: str | None = None, **unknown) -> None:
+                 system_prompt: str | None = None, max_tiles: int | None = None, max_batch_size=None,
+                 **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"{MODEL_NAME}: unknown model_args {sorted(unknown)}; it takes pretrained, dtype, "
-                             f"device, batch_size, system_prompt")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))  # lmms-eval splits the requests over the processes
-        self.device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+                             f"device, batch_size, system_prompt, max_tiles")
+        if not str(batch_size).isdigit():
+            raise ValueError(f"{MODEL_NAME}: --batch_size {batch_size}: give a number of requests per batch")
+        # lmms-eval splits the requests over the processes; each takes its own GPU, also when told just "cuda".
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
         self.model = VLM.from_pretrained(pretrained, dtype=resolve_dtype(dtype, self.device)).to(self.device).eval()
+        if max_tiles is not None:
+            self.model.config.max_tiles = int(max_tiles)
         self.processor = self.model.processor()
         self.batch_size = int(batch_size)
         self.system_prompt = system_prompt
@@ -64,7 +72,7 @@ class MaryVLM(lmms):
     def image_of(self, doc_to_visual, task: str, split: str, doc_id: int):
         """The request's one image, or None for a text-only sample."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else None
-        visuals = [v for v in (visuals or []) if v is not None]
+        visuals = [v for v in flatten(visuals) if v is not None]
         if any(isinstance(v, str) and v.lower().endswith(VIDEO_SUFFIXES) for v in visuals):
             raise ValueError(f"{task} document {doc_id}: a video; {MODEL_NAME} answers about images only")
         if len(visuals) > 1:
@@ -79,7 +87,7 @@ class MaryVLM(lmms):
         until = settings.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         temperature = settings.get("temperature") or 0
-        kwargs = {"max_new_tokens": settings.get("max_new_tokens", 128), "num_beams": settings.get("num_beams") or 1,
+        kwargs = {"max_new_tokens": settings.get("max_new_tokens") or 128, "num_beams": settings.get("num_beams") or 1,
                   "do_sample": temperature > 0}
         if kwargs["do_sample"]:
             kwargs.update(temperature=temperature, top_p=settings.get("top_p"))
@@ -113,10 +121,13 @@ class MaryVLM(lmms):
         for context, target, doc_to_visual, doc_id, task, split in tqdm([r.args for r in requests],
                                                                        disable=self.rank != 0, desc=MODEL_NAME):
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
+            reply = self.processor.tokenizer(continuation.lstrip(), add_special_tokens=False)["input_ids"]
+            if not reply:  # nothing to score: log 1 = 0, and greedy decoding trivially "produces" it
+                results.append((0.0, True))
+                continue
             image = self.image_of(doc_to_visual, task, split, doc_id)
             prompt = self.processor.encode_generation_batch([image], [context], system_prompt=self.system_prompt)
-            reply = self.processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            input_ids = torch.cat([prompt["input_ids"], torch.tensor([reply])], dim=1)
+            input_ids = torch.cat([prompt["input_ids"], torch.tensor([reply], dtype=torch.long)], dim=1)
             labels = torch.full_like(input_ids, IGNORE_INDEX)
             labels[:, -len(reply):] = torch.tensor(reply)
             pixel_values = prompt["pixel_values"]
@@ -126,6 +137,13 @@ class MaryVLM(lmms):
             greedy = bool((output.logits.argmax(-1).cpu() == torch.tensor(reply)).all())
             results.append((-output.loss_sum.item(), greedy))
         return results
+
+
+def flatten(visuals) -> list:
+    """A task's visuals as a flat list: tasks return one image, a list, or lists of lists."""
+    if not isinstance(visuals, (list, tuple)):
+        return [] if visuals is None else [visuals]
+    return [v for item in visuals for v in flatten(item)]
 
 
 def register() -> None:

@@ -134,7 +134,8 @@ def question_of(row: dict, where: str) -> dict:
     if missing:
         raise SystemExit(f"{where}: no {' or '.join(missing)}")
     extra = {k: v for k, v in row.items() if k != "conversations"}  # e.g. "lang", kept in the predictions
-    return {**extra, "id": row.get("id") or row.get("question_id") or where, "image": row.get("image"),
+    identifier = next((row[key] for key in ("id", "question_id") if row.get(key) is not None), where)
+    return {**extra, "id": identifier, "image": row.get("image"),
             "question": question, "answer": answer,
             "type": row.get("type") or row.get("category") or "all"}
 
@@ -146,12 +147,11 @@ def predict(args, questions: list[dict]) -> list[dict]:
     from processor import DataError, open_image
     from model import VLM
 
-    from training import describe_precision, resolve_dtype
+    from training import describe_precision, resolve_dtype, with_max_tiles
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VLM.from_pretrained(args.model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
-    if getattr(args, "max_tiles", None):
-        model.config.max_tiles = args.max_tiles
+    with_max_tiles(model, args)
     print(f"precision: {describe_precision(args.dtype, device, how='weights')}")
     def image_of(q: dict):
         try:

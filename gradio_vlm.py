@@ -40,13 +40,12 @@ def load_model(args):
 
     from model import VLM
 
-    from training import describe_precision, resolve_dtype
+    from training import describe_precision, resolve_dtype, with_max_tiles
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
     model = VLM.from_pretrained(resolve_model_path(args.model_path)).to(device=device, dtype=dtype).eval()
-    if getattr(args, "max_tiles", None):
-        model.config.max_tiles = args.max_tiles
+    with_max_tiles(model, args)
     print(f"loaded {model.name_or_path} on {device}; precision: "
           f"{describe_precision(args.dtype, device, how='weights')}")
     return model

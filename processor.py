@@ -229,16 +229,17 @@ class VLMProcessor:
         pads = self.image_token * self.num_image_tokens
         if grids is None:
             return [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, pads)} for m in messages]
+        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if placeholders != len(grids):
+            raise DataError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the text for {len(grids)} "
+                            f"image(s)")
         remaining = iter(grids)
 
         def expand(text: str) -> str:
             pieces = text.split(IMAGE_PLACEHOLDER)
             return pieces[0] + "".join(placeholder_text(next(remaining), pads) + piece for piece in pieces[1:])
 
-        expanded = [{**m, "content": expand(m["content"])} for m in messages]
-        if next(remaining, None) is not None:
-            raise ValueError(f"{len(grids)} image grids for fewer <image> placeholders")
-        return expanded
+        return [{**m, "content": expand(m["content"])} for m in messages]
 
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """Full text of the conversation and the character spans to supervise: each assistant reply plus its

@@ -214,7 +214,7 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
 
 def with_max_tiles(model: VLM, args) -> VLM:
     """--max_tiles goes into the config, so the checkpoints this run saves tile as it trained."""
-    if args.max_tiles is not None:
+    if getattr(args, "max_tiles", None) is not None:  # eval and the demo take it too
         if args.max_tiles < 1:
             raise SystemExit(f"--max_tiles {args.max_tiles}: give 1 (one view per image) or more tiles")
         model.config.max_tiles = args.max_tiles

@@ -95,7 +95,8 @@ def adapter(answering_checkpoint):
 
     picture = Image.open(io.BytesIO(image["bytes"]))
     lm.task_dict = {"t": {"test": [{"visual": [picture]}, {"visual": []}, {"visual": [picture, picture]},
-                                   {"visual": ["clip.mp4"]}, {"visual": [picture.convert("L").resize((300, 90))]}]}}
+                                   {"visual": ["clip.mp4"]}, {"visual": [picture.convert("L").resize((300, 90))]},
+                                   {"visual": picture}, {"visual": [[picture]]}]}}
     return lm
 
 
@@ -133,11 +134,13 @@ def test_text_only_and_any_image_mode_answer_like_chat(adapter):
     settings = {"max_new_tokens": 8}
     answers = adapter.generate_until([request(1, "How many shapes are there?", settings),
                                       request(4, "What colour is the square?", settings),
-                                      request(0, "What colour is the square?", settings)])
+                                      request(0, "What colour is the square?", settings),
+                                      request(5, "What colour is the square?", settings),  # not in a list
+                                      request(6, "What colour is the square?", settings)])  # in a nested list
     model, docs = adapter.model, adapter.task_dict["t"]["test"]
     assert answers == [model.chat(None, "How many shapes are there?", max_new_tokens=8),
-                       model.chat(docs[4]["visual"][0], "What colour is the square?", max_new_tokens=8),
-                       model.chat(docs[0]["visual"][0], "What colour is the square?", max_new_tokens=8)]
+                       model.chat(docs[4]["visual"][0], "What colour is the square?", max_new_tokens=8)] + \
+        [model.chat(docs[0]["visual"][0], "What colour is the square?", max_new_tokens=8)] * 3
 
 
 @pytest.mark.parametrize("doc_id, message", [(2, "2 images; mary_vlm places one image per conversation"),
@@ -165,3 +168,10 @@ def test_loglikelihood_is_the_replys_log_probability_and_knows_greedy(adapter):
     log_probs = torch.log_softmax(logits[-len(reply) - 1:-1].float(), dim=-1)
     assert other_logp == pytest.approx(log_probs[torch.arange(len(reply)), torch.tensor(reply)].sum().item(), abs=1e-4)
     assert other_logp < greedy_logp < 0
+
+    # An option as lmms-eval sends it (" A": the delimiter first) scores as the reply the model would start with;
+    # an empty one scores log 1.
+    spaced, empty = adapter.loglikelihood([SimpleNamespace(args=("What colour is the square?", text,
+                                                                 lambda doc: doc["visual"], 0, "t", "test"))
+                                           for text in (" " + greedy_answer, "")])
+    assert spaced == (greedy_logp, True) and empty == (0.0, True)

@@ -297,6 +297,17 @@ def test_chat_session_reuses_the_cache_and_encodes_the_image_once(model, image):
     assert session.history == [(QUESTION, first), ("And now?", second)]
 
 
+def test_a_session_whose_system_prompt_changes_encodes_the_image_again(model, image):
+    """The shared prefix then ends before the image tokens: the cache cannot serve them (the demo sends its system
+    prompt box with every message)."""
+    session = ChatSession(model, image, system_prompt="You look at pictures.")
+    first = session.ask(QUESTION, **GEN)
+    session.system_prompt = "You answer in one word."
+    second = session.ask("And now?", **GEN)
+    assert second == model.chat(image, "And now?", history=[(QUESTION, first)],
+                                system_prompt="You answer in one word.", **GEN)
+
+
 def test_every_chat_entry_point_puts_its_inputs_on_the_models_device(model, image, monkeypatch):
     """Without a GPU: the model claims to live on the meta device and a spy stands in for generate."""
     from types import SimpleNamespace

@@ -193,3 +193,18 @@ def test_the_readme_picture_script_draws_the_processors_cut(tmp_path):
     assert (rows, cols) == (2, 3)
     gap = show_tiles.GAP  # three tiles and the global view across, two rows of tiles down
     assert Image.open(path).size == (cols * (384 + gap) + 384 + 3 * gap, rows * (384 + gap) + 2 * gap)
+
+
+def test_the_scan_rejects_a_sample_whose_views_cannot_fit_max_length(model, tmp_path):
+    import json
+
+    from data import ConversationDataset
+    from processor import DataError
+
+    picture(256, 64).save(tmp_path / "wide.png")  # 5 views x 16 tokens = 80
+    (tmp_path / "data.json").write_text(json.dumps([{"id": "w", "image": "wide.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a square"}]}]))
+    with pytest.raises(DataError, match=r"sample 0 \(id=w\): its 5 image view\(s\) alone take 80 tokens, more than "
+                                        r"max_length 64"):
+        ConversationDataset([str(tmp_path / "data.json")], VLMProcessor.from_model(model, max_length=64),
+                            str(tmp_path))
