@@ -82,7 +82,7 @@ class ChatSession:
                           self.model.processor().tokenizer)
 
     def _reusable_prefix(self, input_ids: torch.Tensor) -> int:
-        """How many leading tokens the cache can serve (at least one new token must remain to be computed). None
+        """How many leading tokens the cache can serve (at least one new token must remain to be computed). Zero
         unless the shared prefix covers every image token: a step from the cache encodes no image (a changed system
         prompt, say, ends the shared prefix before the image)."""
         if self._cache is None:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from processor import IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, VLMProcessor, image_size, num_views
+from processor import (IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, VLMProcessor, image_size, image_source,
+                       num_views)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_COLUMNS = ("image", "images", "image_bytes")
@@ -240,7 +241,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         keep = [position for position in range(len(self.index)) if position not in bad]
         self.index = [self.index[position] for position in keep]
         self.lengths = [structure[position]["length"] for position in keep]
-        self.view_counts = [structure[position]["images"] for position in keep]
+        self.view_counts = [structure[position]["views"] for position in keep]
         if problems and self.scan.rank == 0:
             print(f"skipping {len(problems)} bad samples of {len(self.index) + len(problems)}; first: "
                   f"{problems[0][1]}")
@@ -260,7 +261,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         if plan.agree is not None:  # rank 0's files decide, or ranks that disagree would wait for each other
             cached = plan.agree(cached)
         if cached is not None:
-            return [{"position": p, "error": e, "length": n, "images": k}
+            return [{"position": p, "error": e, "length": n, "views": k}
                     for p, (e, n, k) in enumerate(cached["samples"])]
         results = self.check_all(True, range(plan.rank, len(self.index), plan.world_size), plan.workers,
                                  progress=plan.rank == 0)
@@ -270,7 +271,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         if plan.cache and plan.rank == 0:
             os.makedirs(os.path.dirname(plan.cache) or ".", exist_ok=True)
             with open(plan.cache + ".tmp", "w") as f:
-                json.dump({"key": key, "samples": [(r["error"], r.get("length"), r.get("images"))
+                json.dump({"key": key, "samples": [(r["error"], r.get("length"), r.get("views"))
                                                    for r in results]}, f)
             os.replace(plan.cache + ".tmp", plan.cache)
         return results
@@ -310,7 +311,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         sizes = [image_size(ref, self.image_dir, sample.where) for ref in sample.images]
         return sum(num_views(grid) for grid in self.processor.grids(sizes))
 
-    feature_cache = None  # set by training.attach_feature_cache: stage-1 tower outputs, one row per image
+    feature_cache = None  # set by training.attach_feature_cache: stage-1 tower outputs, one row per view
 
     def __getitem__(self, position: int) -> dict | None:
         """The encoded sample; None for one that cannot be used when skip_bad_samples is on (collate drops it)."""
@@ -346,23 +347,20 @@ class ConversationDataset(torch.utils.data.Dataset):
             sample = self.sample(position)
             if check_structure_only:
                 for ref in sample.images:
-                    if isinstance(ref, str) and not os.path.isfile(self._image_path(ref)):
-                        raise DataError(f"{sample.where}: image not found: {self._image_path(ref)}")
+                    if isinstance(ref, str):  # the file is there (decoded only when its batch comes)
+                        image_source(ref, self.image_dir, sample.where)
                 views = self._views(sample)
                 if views * self.processor.num_image_tokens > self.processor.max_length:  # known before any batch
                     raise DataError(f"{sample.where}: its {views} image view(s) alone take "
                                     f"{views * self.processor.num_image_tokens} tokens, more than max_length "
                                     f"{self.processor.max_length}. Raise --max_length (or lower --max_tiles)")
-                return {**result, "length": self._estimate_length(sample, views), "images": views}
+                return {**result, "length": self._estimate_length(sample, views), "views": views}
             encoded = self.processor.encode_sample(sample, self.image_dir)
         except DataError as error:
             return {**result, "error": str(error)}
         return {**result, "tokens": len(encoded["input_ids"]), "images": len(sample.images),
                 "supervised": int((encoded["labels"] != IGNORE_INDEX).sum()),
                 "replies": sum(m["role"] == "assistant" for m in sample.messages)}
-
-    def _image_path(self, ref: str) -> str:
-        return ref if os.path.isabs(ref) or self.image_dir is None else os.path.join(self.image_dir, ref)
 
 
 class _Checks(torch.utils.data.Dataset):

@@ -37,9 +37,10 @@ from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conversation import on_device  # noqa: E402
 from model import VLM  # noqa: E402
 from processor import IGNORE_INDEX  # noqa: E402
-from training import resolve_dtype  # noqa: E402
+from training import resolve_dtype, with_max_tiles  # noqa: E402
 
 MODEL_NAME = "mary_vlm"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
@@ -62,8 +63,7 @@ class MaryVLM(lmms):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
         self.model = VLM.from_pretrained(pretrained, dtype=resolve_dtype(dtype, self.device)).to(self.device).eval()
-        if max_tiles is not None:
-            self.model.config.max_tiles = int(max_tiles)
+        with_max_tiles(self.model, None if max_tiles is None else int(max_tiles))
         self.processor = self.model.processor()
         self.batch_size = int(batch_size)
         self.system_prompt = system_prompt
@@ -130,10 +130,8 @@ class MaryVLM(lmms):
             input_ids = torch.cat([prompt["input_ids"], torch.tensor([reply], dtype=torch.long)], dim=1)
             labels = torch.full_like(input_ids, IGNORE_INDEX)
             labels[:, -len(reply):] = torch.tensor(reply)
-            pixel_values = prompt["pixel_values"]
-            output = self.model(input_ids=input_ids.to(self.device), labels=labels.to(self.device),
-                                pixel_values=None if pixel_values is None else
-                                pixel_values.to(self.device, self.model.vision_model.dtype))
+            output = self.model(**on_device(self.model, {"input_ids": input_ids, "labels": labels,
+                                                         "pixel_values": prompt["pixel_values"]}))
             greedy = bool((output.logits.argmax(-1).cpu() == torch.tensor(reply)).all())
             results.append((-output.loss_sum.item(), greedy))
         return results

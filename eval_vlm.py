@@ -151,7 +151,7 @@ def predict(args, questions: list[dict]) -> list[dict]:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = VLM.from_pretrained(args.model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
-    with_max_tiles(model, args)
+    with_max_tiles(model, args.max_tiles)
     print(f"precision: {describe_precision(args.dtype, device, how='weights')}")
     def image_of(q: dict):
         try:

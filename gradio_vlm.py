@@ -45,7 +45,7 @@ def load_model(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(args.dtype, device)
     model = VLM.from_pretrained(resolve_model_path(args.model_path)).to(device=device, dtype=dtype).eval()
-    with_max_tiles(model, args)
+    with_max_tiles(model, args.max_tiles)
     print(f"loaded {model.name_or_path} on {device}; precision: "
           f"{describe_precision(args.dtype, device, how='weights')}")
     return model

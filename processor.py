@@ -87,39 +87,38 @@ def make_tokenizer(texts, vocab_size: int = 512, image_token: str = "<|image_pad
 
 
 # ==================================================================== images
+def image_source(ref, image_dir: str | None, where: str):
+    """What PIL opens for an image reference: a PIL image as it is, bytes as a stream, a path (relative to
+    image_dir) once it is known to exist; datasets' Image feature ({"bytes", "path"}) by its bytes, else its path."""
+    if isinstance(ref, dict):
+        return image_source(ref.get("bytes") or ref.get("path"), image_dir, where)
+    if isinstance(ref, (Image.Image, bytes, bytearray)):
+        return ref if isinstance(ref, Image.Image) else io.BytesIO(ref)
+    if isinstance(ref, str):
+        path = ref if os.path.isabs(ref) or image_dir is None else os.path.join(image_dir, ref)
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: image not found: {path}")
+        return path
+    raise DataError(f"{where}: unsupported image value of type {type(ref).__name__}")
+
+
 def open_image(ref, image_dir: str | None, where: str) -> Image.Image:
     """Decode an image reference fully (so a truncated file fails here, not mid-batch) as RGB."""
+    source = image_source(ref, image_dir, where)
     try:
-        if isinstance(ref, Image.Image):
-            image = ref
-        elif isinstance(ref, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
-            return open_image(ref.get("bytes") or ref.get("path"), image_dir, where)
-        elif isinstance(ref, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(ref))
-        elif isinstance(ref, str):
-            path = ref if os.path.isabs(ref) or image_dir is None else os.path.join(image_dir, ref)
-            if not os.path.isfile(path):
-                raise DataError(f"{where}: image not found: {path}")
-            image = Image.open(path)
-        else:
-            raise DataError(f"{where}: unsupported image value of type {type(ref).__name__}")
+        image = source if isinstance(source, Image.Image) else Image.open(source)
         image.load()
         return image.convert("RGB")
-    except DataError:
-        raise
     except Exception as error:
         raise DataError(f"{where}: cannot decode image {ref if isinstance(ref, str) else ''}: {error}") from None
 
 
 def image_size(ref, image_dir: str | None, where: str) -> tuple[int, int]:
     """An image's (width, height) from its header, without decoding the pixels (cached features need no pixels)."""
+    source = image_source(ref, image_dir, where)
+    if isinstance(source, Image.Image):
+        return source.size
     try:
-        if isinstance(ref, Image.Image):
-            return ref.size
-        if isinstance(ref, dict):
-            return image_size(ref.get("bytes") or ref.get("path"), image_dir, where)
-        source = io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else (
-            ref if os.path.isabs(ref) or image_dir is None else os.path.join(image_dir, ref))
         with Image.open(source) as image:
             return image.size
     except Exception as error:

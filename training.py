@@ -182,7 +182,7 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
         where = "--model_path" if args.model_path else "--vision_model / --llm_model"
         return with_max_tiles(loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
                                      lambda: vlm_without_weights(args.model_path, args.vision_model, args.llm_model,
-                                                                 args.image_size)), args)
+                                                                 args.image_size)), args.max_tiles)
     quantization = quantization_config(args)
     if args.model_path:
         model = loaded("--model_path", args.model_path, lambda: VLM.from_pretrained(args.model_path, **quantization))
@@ -209,15 +209,16 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     if args.lora and not model.config.lora:
         model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target)
-    return with_max_tiles(model, args)
+    return with_max_tiles(model, args.max_tiles)
 
 
-def with_max_tiles(model: VLM, args) -> VLM:
-    """--max_tiles goes into the config, so the checkpoints this run saves tile as it trained."""
-    if getattr(args, "max_tiles", None) is not None:  # eval and the demo take it too
-        if args.max_tiles < 1:
-            raise SystemExit(f"--max_tiles {args.max_tiles}: give 1 (one view per image) or more tiles")
-        model.config.max_tiles = args.max_tiles
+def with_max_tiles(model: VLM, max_tiles: int | None) -> VLM:
+    """--max_tiles goes into the config (None keeps the model's), so the checkpoints a run saves tile as it trained;
+    evaluation, the demo and the lmms-eval adapter set it the same way."""
+    if max_tiles is not None:
+        if max_tiles < 1:
+            raise SystemExit(f"--max_tiles {max_tiles}: give 1 (one view per image) or more tiles")
+        model.config.max_tiles = max_tiles
     return model
 
 
@@ -872,8 +873,8 @@ def describe_run(model: VLM, dataset, runtime: Runtime, args) -> None:
     parts = ", ".join(f"{key} {total / 1e6:.2f}M (" + (f"{trained:,} trained" if trained else "frozen") + ")"
                       for key, (total, trained) in counts.items())
     tiles = model.config.max_tiles
-    views = "" if tiles == 1 else f" per view (up to {tiles} tiles + a global view per image)"
-    print(f"model: {parts}; {model.config.num_image_tokens} image tokens per image{views}")
+    per = "image" if tiles == 1 else f"view (up to {tiles} tiles + a global view per image)"
+    print(f"model: {parts}; {model.config.num_image_tokens} image tokens per {per}")
     print(f"data: {len(dataset)} samples; {runtime.world_size} process(es) x batch {args.batch_size} x "
           f"accumulation {args.grad_accum} on {runtime.device}")
     print(f"precision: {describe_precision(args.dtype, runtime.device)}")
