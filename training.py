@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import time
 from contextlib import nullcontext
@@ -401,6 +402,18 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
+def build_loader(dataset, sampler: ResumableSampler, collate_fn, args, runtime: Runtime):
+    # The loader's own generator: starting an iterator draws a worker seed, which would otherwise come from the
+    # global RNG and shift every dropout mask after a resume (which starts one iterator more than the whole run).
+    # Persistent workers: a worker forked anew at each epoch shares the whole trained process copy-on-write, so every
+    # page the training step writes is copied while it lives (on CPU, twice the memory from epoch 2 on), and each
+    # fork stalls the step that waits for it.
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+                                       num_workers=args.num_workers, pin_memory=runtime.device.type == "cuda",
+                                       persistent_workers=args.num_workers > 0,
+                                       generator=torch.Generator().manual_seed(args.seed + runtime.rank))
+
+
 class BatchStream:
     """Endless micro-batches across epochs; `epoch` and `batch_in_epoch` are the position a checkpoint stores."""
 
@@ -548,6 +561,13 @@ def save_final_model(model: VLM, output_dir: str, runtime: Runtime) -> None:
 
 
 # ==================================================================== the loop
+def peak_memory_gb(device: torch.device) -> float:
+    """The most memory this process has held so far: the GPU's tensors on CUDA, the resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux counts it in KiB
+
+
 class MetricLogger:
     """tqdm on the main process, one JSON line per logged step in output_dir/log.jsonl, wandb when asked."""
 
@@ -594,12 +614,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
         grouping = {"lengths": [dataset.length_estimate(i) for i in range(len(dataset))],
                     "group_size": 64 * args.batch_size, "batch_size": args.batch_size}
     sampler = ResumableSampler(dataset, runtime, args.seed, **grouping)
-    # The loader's own generator: starting an iterator draws a worker seed, which would otherwise come from the
-    # global RNG and shift every dropout mask after a resume (which starts one iterator more than the whole run).
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                         collate_fn=collate_fn, num_workers=args.num_workers,
-                                         pin_memory=runtime.device.type == "cuda", persistent_workers=False,
-                                         generator=torch.Generator().manual_seed(args.seed + runtime.rank))
+    loader = build_loader(dataset, sampler, collate_fn, args, runtime)
     batches_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
     steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
@@ -698,6 +713,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                       "epoch": stream.epoch + stream.batch_in_epoch / batches_per_epoch,
                       "supervised_tokens": int(num_items), "tokens_per_s": num_tokens / elapsed,
                       "samples_per_s": args.batch_size * args.grad_accum * runtime.world_size / elapsed,
+                      "peak_memory_gb": peak_memory_gb(runtime.device),
                       **{name: value.item() for name, value in zip(metric_sums, reduced[1:])}}
             logger.log(step, record, write=step % args.logging_steps == 0 or step == total_steps)
             if args.save_steps > 0 and (step % args.save_steps == 0 or step == total_steps):
