@@ -17,6 +17,8 @@ sft: seed + 1, eval: seed + 2, dpo: seed + 3), so the evaluation scenes are neve
 
     python scripts/make_shapes.py --output_dir datasets/shapes --num_samples 4000 --seed 0
     python scripts/make_shapes.py --kind eval --output_dir /tmp/fresh_eval --num_samples 500 --seed 7
+    python scripts/make_shapes.py --output_dir datasets/small --image_size 224 --object_scale 0.35
+                                  (small objects in large images: the split where --max_tiles matters)
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ def random_scene(rng: random.Random) -> list[dict]:
                                                                                 key=lambda kc: kc[1])]
 
 
-def draw_scene(scene: list[dict], size: int, rng: random.Random) -> Image.Image:
+def draw_scene(scene: list[dict], size: int, rng: random.Random, object_scale: float = 1.0) -> Image.Image:
+    """Each object spans 55-80% of its cell's side, times object_scale (0.3: small objects in a large image)."""
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     half = size // 2
     for obj in scene:
-        extent = rng.randint(int(half * 0.55), int(half * 0.8))
+        extent = rng.randint(int(half * 0.55 * object_scale), int(half * 0.8 * object_scale))
         x0 = (obj["cell"] % 2) * half + rng.randint(1, half - extent - 1)
         y0 = (obj["cell"] // 2) * half + rng.randint(1, half - extent - 1)
         box = (x0, y0, x0 + extent, y0 + extent)
@@ -177,7 +180,7 @@ def sft_question_type(rng: random.Random, existence_share: float) -> str:
 
 
 def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_size: int,
-                sft_yes_share: float = 0.5, sft_existence_share: float = 0.2) -> str:
+                sft_yes_share: float = 0.5, sft_existence_share: float = 0.2, object_scale: float = 1.0) -> str:
     rng = random.Random(seed)
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
@@ -185,7 +188,7 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
     for i in range(num_samples):
         scene = random_scene(rng)
         file_name = f"{kind}_{seed}_{i:06d}.png"
-        draw_scene(scene, image_size, rng).save(os.path.join(image_dir, file_name))
+        draw_scene(scene, image_size, rng, object_scale).save(os.path.join(image_dir, file_name))
         zh = rng.random() < ZH_SHARE
         if kind == "pretrain":
             prompt = "简要描述这张图片。" if zh else "Describe the image briefly."
@@ -267,6 +270,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="pretrain uses seed, sft seed + 1, eval seed + 2, dpo seed + 3")
     parser.add_argument("--image_size", type=int, default=64, help="pixels per side")
+    parser.add_argument("--object_scale", type=float, default=1.0,
+                        help="object size relative to the default; with a large --image_size, a small value draws "
+                             "small objects in a large image, the split where --max_tiles matters")
     parser.add_argument("--vocab_size", type=int, default=1024, help="size of the learnt tokenizer")
     args = parser.parse_args(argv)
 
@@ -277,7 +283,7 @@ def main(argv=None):
         count = counts.get(kind, args.num_samples) if args.kind == "all" else args.num_samples
         seed = args.seed + offsets[kind] if args.kind == "all" else args.seed
         path = write_split(kind, args.output_dir, count, seed, args.image_size, args.sft_yes_share,
-                           args.sft_existence_share)
+                           args.sft_existence_share, args.object_scale)
         print(f"{kind}: {path} ({count} images)")
     if args.kind == "all":
         print(f"tokenizer: {write_tokenizer(args.output_dir, args.vocab_size)}")

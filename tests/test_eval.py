@@ -107,6 +107,20 @@ def test_generator_is_deterministic_and_answers_match_the_scene(tmp_path):
         assert answer == str(len(scene))
 
 
+def test_object_scale_draws_each_object_smaller_in_its_own_cell():
+    """The split where --max_tiles matters: at 0.3 every object spans at most 0.8 x 0.3 of its cell's side."""
+    import numpy as np
+
+    scene = [{"colour": "red", "shape": "square", "cell": 0}, {"colour": "blue", "shape": "circle", "cell": 3}]
+    for scale in (1.0, 0.3):
+        pixels = np.asarray(make_shapes.draw_scene(scene, 224, random.Random(0), object_scale=scale))
+        for obj in scene:
+            top, left = (obj["cell"] // 2) * 112, (obj["cell"] % 2) * 112
+            ys, xs = np.nonzero((pixels[top:top + 112, left:left + 112] != 255).any(-1))
+            extent = max(ys.max() - ys.min(), xs.max() - xs.min())
+            assert int(112 * 0.55 * scale) <= extent <= int(112 * 0.8 * scale) + 1, (scale, obj, extent)
+
+
 def test_preference_pairs_reject_counts_on_both_sides_of_the_truth():
     """A rejected count that is always too high lets DPO lower every count instead of reading the image."""
     rng = random.Random(0)
