@@ -56,11 +56,11 @@ RECIPES = {
     # as in the real recipe; only the model names and sizes differ.
     "mini": dict(output_dir="checkpoints/mini", num_samples=2000, num_eval=100, num_dpo=128, image_size=112,
                  pretrain_steps=100, pretrain_lr=1e-3, sft_steps=100, sft_lr=1e-4, sft_mode="full", dpo_steps=40,
-                 dpo_lr=2e-5, batch_size=16, warmup_steps=10, max_length=512, dtype="auto", eval_batch_size=64),
+                 dpo_lr=2e-5, dpo_sft_weight=0.2, batch_size=16, warmup_steps=10, max_length=512, dtype="auto", eval_batch_size=64),
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
     "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
                  pretrain_steps=500, pretrain_lr=5e-4, sft_steps=700, sft_lr=5e-4, sft_mode="full", dpo_steps=150,
-                 dpo_lr=2e-4, batch_size=32, warmup_steps=50, max_length=256, dtype="fp32", eval_batch_size=128),
+                 dpo_lr=2e-4, dpo_sft_weight=0.0, batch_size=32, warmup_steps=50, max_length=256, dtype="fp32", eval_batch_size=128),
 }
 
 
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SFT trains the whole LLM, or LoRA adapters on it (the projector trains fully in both)")
     parser.add_argument("--lora_r", type=int, default=64, help="adapter rank with --lora (alpha = 2r)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--dpo_sft_weight", type=float, default=None,
+                        help="DPO's NLL term on the chosen answer (dpo_train.py --sft_weight): without it, 150 DPO "
+                             "steps of the pretrained parts stopped ending their replies")
     parser.add_argument("--sft_yes_share", type=float, default=0.8,
                         help="share of yes answers among SFT existence questions: the yes-bias DPO has to undo")
     parser.add_argument("--batch_size", type=int, default=None, help="samples per step")
@@ -200,7 +203,8 @@ def main(argv=None):
         stages["pretrain"].update(caption_em=captions["exact_match"], object_recall=captions["object_recall"])
     run(["sft_train.py", *stage_flags(args, "sft")], seconds, "sft")
     stages["sft"] = summarise(evaluate(args, "sft", seconds))
-    run(["dpo_train.py", "--beta", str(args.beta), "--precompute_ref", *stage_flags(args, "dpo")], seconds, "dpo")
+    run(["dpo_train.py", "--beta", str(args.beta), "--sft_weight", str(args.dpo_sft_weight), "--precompute_ref",
+         *stage_flags(args, "dpo")], seconds, "dpo")
     stages["dpo"] = summarise(evaluate(args, "dpo", seconds))
     seconds["stages"] = round(time.perf_counter() - started, 1)  # generation, training and evaluation
 
