@@ -202,7 +202,7 @@ def main(argv=None):
     parser.add_argument("--predictions", default=None, help="score this predictions file instead of generating")
     parser.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="longest answer")
-    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (None: cuda if available)")
     parser.add_argument("--max_tiles", type=int, default=None,
                         help="dynamic resolution: tiles per image plus a global view (default: the checkpoint's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -189,7 +189,7 @@ def main(argv=None):
     parser.add_argument("--model_path", default=None,
                         help="a VLM checkpoint folder (default: the first found of "
                              + ", ".join(MAIN_JOB_CHECKPOINTS) + ")")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     parser.add_argument("--max_tiles", type=int, default=None,
                         help="dynamic resolution: tiles per image plus a global view (default: the checkpoint's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

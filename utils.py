@@ -95,7 +95,7 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     train.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                        help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU "
                             "bf16 where it measures clearly faster than fp32, else fp32 (the choice is printed)")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     train.add_argument("--seed", type=int, default=42, help="seeds initialisation and data order")
 
     lora = parser.add_argument_group("LoRA and k-bit (QLoRA)")

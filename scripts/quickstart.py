@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_batch_size", type=int, default=None, help="questions per generation batch")
     parser.add_argument("--num_workers", type=int, default=1, help="dataloader workers")
     parser.add_argument("--device", default=None,
-                        help="cpu, cuda ... for every stage and evaluation (default: cuda if available; the recipe "
+                        help="cpu, cuda ... for every stage and evaluation (None: cuda if available; the recipe "
                              "is sized for 2 CPU cores)")
     parser.add_argument("--install_seconds", type=float, default=None, help="reported by quickstart.sh")
     return parser
