@@ -56,11 +56,13 @@ RECIPES = {
     # as in the real recipe; only the model names and sizes differ.
     "mini": dict(output_dir="checkpoints/mini", num_samples=2000, num_eval=100, num_dpo=128, image_size=112,
                  pretrain_steps=100, pretrain_lr=1e-3, sft_steps=100, sft_lr=1e-4, sft_mode="full", dpo_steps=40,
-                 dpo_lr=2e-5, dpo_sft_weight=0.2, batch_size=16, warmup_steps=10, max_length=512, dtype="auto", eval_batch_size=64),
+                 dpo_lr=2e-5, dpo_sft_weight=0.2, batch_size=16, warmup_steps=10, max_length=512, dtype="auto",
+                 eval_batch_size=64),
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
     "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
                  pretrain_steps=500, pretrain_lr=5e-4, sft_steps=700, sft_lr=5e-4, sft_mode="full", dpo_steps=150,
-                 dpo_lr=2e-4, dpo_sft_weight=0.0, batch_size=32, warmup_steps=50, max_length=256, dtype="fp32", eval_batch_size=128),
+                 dpo_lr=2e-4, dpo_sft_weight=0.0, batch_size=32, warmup_steps=50, max_length=256, dtype="fp32",
+                 eval_batch_size=128),
 }
 
 
