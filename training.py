@@ -62,6 +62,10 @@ def setup_runtime(device: str | None = None) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():  # e.g. --nproc_per_node 2 on a machine with one GPU
+            raise SystemExit(f"process {local_rank} of {world_size} on this machine has no GPU of its own: "
+                             f"{torch.cuda.device_count()} CUDA device(s) visible. Start one process per GPU "
+                             f"(NPROC / --nproc_per_node) or pass --device cpu")
         torch.cuda.set_device(local_rank)
         target = torch.device("cuda", local_rank)
     else:

@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two ranks on this machine: --standalone picks a free port (tests running side by side don't collide on 29500).
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 sys.path.insert(0, ROOT)
 
 from processor import CHATML_TEMPLATE, make_tokenizer  # noqa: E402

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import CORPUS, ROOT, saved_start, tiny_vlm, write_llava_json
+from conftest import CORPUS, ROOT, TORCHRUN_2, saved_start, tiny_vlm, write_llava_json
 from safetensors.torch import load_file
 
 import pretrain_train
@@ -23,6 +23,7 @@ from processor import VLMProcessor, make_tokenizer
 from training import LanguageModelingObjective, list_checkpoints, run_stage
 
 TIMEOUT = 300
+GLOO = ["--device", "cpu"]  # the multi-process tests check gloo on CPU ranks, GPU machine or not
 # Tests whose tolerances are fp32 CPU arithmetic's (a GPU's fp32 matmuls run in TF32): pinned to the CPU, so that they
 # hold on a machine with a GPU too. tests/test_gpu.py checks the GPU with its own tolerances.
 CPU_EXACT = ["--device", "cpu"]
@@ -114,10 +115,10 @@ def test_two_process_gloo_equals_one_process(tmp_path, toy_tokenizer):
     data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
     tiny_vlm(toy_tokenizer).save_pretrained(tmp_path / "start")  # loaded, so that loading reports print
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = ["--model_path", str(tmp_path / "start"), "--max_steps", "4", "--save_steps", "0"]
+    steps = ["--model_path", str(tmp_path / "start"), "--max_steps", "4", "--save_steps", "0", *GLOO]
     steps.append("--train_vision")  # the tower's gradients must reduce too, text-only batch or not
     logs = tmp_path / "rank_logs"
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--log_dir",
+    two = subprocess.run([*TORCHRUN_2, "--log_dir",
                           str(logs), "--redirects", "3", "--tee", "3",
                           os.path.join(ROOT, "sft_train.py"), *common_args(data, tmp_path / "two", *steps),
                           "--batch_size", "2"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
@@ -143,10 +144,10 @@ def test_a_text_only_batch_on_one_rank_keeps_stage_one_in_step(tmp_path, engine)
     """Stage 1 trains the projector alone; rank 1's first batch has no image, so without the zero-weight pass on a
     blank image its step would have nothing to differentiate and the ranks' collectives would part ways."""
     data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    run = subprocess.run([*TORCHRUN_2,
                           os.path.join(ROOT, "pretrain_train.py"),
                           *common_args(data, tmp_path / "out", "--preset", "tiny", "--max_steps", "2", "--save_steps",
-                                       "0", "--batch_size", "2", *engine)],
+                                       "0", "--batch_size", "2", *GLOO, *engine)],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(read_log(tmp_path / "out")) == 2
@@ -284,6 +285,21 @@ def test_user_errors_end_in_one_line(tmp_path, data, monkeypatch):
                          "--save_steps", "0")
     worker[worker.index("--num_workers") + 1] = "1"
     assert "cannot decode image" in one_line_exit(worker)
+
+
+def test_more_ranks_than_gpus_is_one_line_not_a_cuda_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a machine with one GPU: rank 1 would ask for cuda:1 ("invalid device ordinal",
+    seen on a one-GPU machine); it stops first, naming the fix."""
+    from training import setup_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail(f"asked for cuda:{index}"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit, match=r"process 1 of 2 on this machine has no GPU of its own: 1 CUDA device\(s\) "
+                                         r"visible.*--device cpu"):
+        setup_runtime()
 
 
 def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
@@ -578,10 +594,10 @@ def test_fsdp2_with_gloo_equals_ddp_and_its_checkpoints_resume_and_load(tmp_path
     data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = ["--preset", "tiny", "--max_steps", "4", "--save_steps", "2", "--batch_size", "2", "--grad_accum", "2",
-             "--train_vision"]
+             "--train_vision", *GLOO]
 
     def torchrun(out, *extra):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        result = subprocess.run([*TORCHRUN_2,
                                  os.path.join(ROOT, "sft_train.py"), *common_args(data, out, *steps), *extra],
                                 env=env, capture_output=True, text=True, timeout=TIMEOUT)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -610,9 +626,9 @@ def test_two_ranks_share_the_feature_encoding(tmp_path, data, toy_tokenizer):
 
     start = tmp_path / "start"
     tiny_vlm(toy_tokenizer).save_pretrained(start)
-    steps = ["--model_path", str(start), "--max_steps", "1", "--save_steps", "0", "--batch_size", "2"]
+    steps = ["--model_path", str(start), "--max_steps", "1", "--save_steps", "0", "--batch_size", "2", *GLOO]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    two = subprocess.run([*TORCHRUN_2,
                           os.path.join(ROOT, "pretrain_train.py"),
                           *common_args(data, tmp_path / "two", *steps, "--cache_vision_features",
                                        str(tmp_path / "cache2"))],
