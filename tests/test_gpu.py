@@ -87,3 +87,31 @@ def test_compiled_blocks_train_like_eager_on_the_gpu(setup):
     eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
     for step in (1, 2, 3):
         assert compiled[step]["loss"] == pytest.approx(eager[step]["loss"], rel=2e-2), step
+
+
+def test_tiled_stages_and_chat_on_the_gpu(setup):
+    """--max_tiles 4 on the GPU in bf16 autocast: stage 1 on cached views, SFT with length groups, DPO whose pairs
+    mix tiled and single-view images, then the chat entry points with a tiled image."""
+    from test_tiles import picture
+
+    data, tmp_path = setup
+    for i, size in enumerate([(256, 64), (128, 128), (64, 200)]):  # 5 views each; the rest stay one view
+        picture(*size, i).save(os.path.join(data[1], f"{i}.png"))
+    tiled = ("--max_length", "1024")
+    pretrain_train.main(stage_args(data, tmp_path / "pretrain", tmp_path / "start", "--max_steps", "3",
+                                   "--max_tiles", "4", "--cache_vision_features", str(tmp_path / "cache"), *tiled))
+    sft_train.main(stage_args(data, tmp_path / "sft", tmp_path / "pretrain", "--max_steps", "3",
+                              "--group_by_length", *tiled))
+    pairs = pair_records(str(tmp_path / "pairs"))
+    picture(256, 64).save(os.path.join(pairs[1], "0.png"))
+    dpo_train.main(stage_args(pairs, tmp_path / "dpo", tmp_path / "sft", "--max_steps", "2", *tiled))
+    for stage in ("pretrain", "sft", "dpo"):
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / stage).values()), stage
+
+    model = VLM.from_pretrained(str(tmp_path / "dpo")).to("cuda", torch.bfloat16).eval()
+    assert model.config.max_tiles == 4  # stage 1's setting travelled through both later checkpoints
+    image = os.path.join(data[1], "0.png")
+    assert isinstance(model.chat(image, "What colour is the square?", max_new_tokens=4), str)
+    assert len(model.batch_chat([image, os.path.join(data[1], "6.png")], ["What colour?", "Where?"],
+                                max_new_tokens=4)) == 2
+    assert isinstance(ChatSession(model, image).ask("What colour?", max_new_tokens=4), str)

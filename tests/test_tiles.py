@@ -1,6 +1,8 @@
 """Dynamic resolution (max_tiles): the tile grid an image gets, image tokens equal to its views, label masks, batches
 mixing tile counts, max_tiles=1 unchanged, save/load, cached features, DPO pairs and the KV-cache chat."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from data import collate
 from model import VLM
 
 TILE = 64  # the tiny preset's input side
+# Tests of the model's arithmetic also run on a GPU where one is present (CI has none; tests/test_gpu.py's machine).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 @pytest.mark.parametrize("size, max_tiles, grid", [
@@ -87,8 +91,10 @@ def test_max_tiles_1_is_the_untiled_model_bit_for_bit(toy_tokenizer):
                        processor.image_processor(images=[image], return_tensors="pt")["pixel_values"])
 
 
-def test_a_batch_mixing_tile_counts_gives_each_sample_its_own_logits(model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batch_mixing_tile_counts_gives_each_sample_its_own_logits(model, device):
     processor = model.processor()
+    model = copy.deepcopy(model).to(device)
     images = [picture(256, 64, 1), picture(40, 40, 2), picture(128, 128, 3)]  # 4 + 1, 1, 4 + 1 views
     samples = []
     for i, image in enumerate(images):
@@ -101,13 +107,16 @@ def test_a_batch_mixing_tile_counts_gives_each_sample_its_own_logits(model):
                                                                                              else None))
     try:
         with torch.no_grad():
-            batch = collate(samples, pad_token_id=processor.pad_token_id)
+            batch = {key: value.to(device) for key, value in
+                     collate(samples, pad_token_id=processor.pad_token_id).items()}
             together = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              pixel_values=batch["pixel_values"]).logits
             assert len(seen) == 1  # every view of the batch in one call of the tower
             for i, sample in enumerate(samples):
-                alone = model(input_ids=sample["input_ids"][None], pixel_values=sample["pixel_values"]).logits[0]
-                assert torch.allclose(together[i, :len(alone)], alone, atol=1e-5)
+                alone = model(input_ids=sample["input_ids"][None].to(device),
+                              pixel_values=sample["pixel_values"].to(device)).logits[0]
+                tolerance = 1e-5 if device == "cpu" else 1e-3  # a GPU's fp32 matmuls may run in TF32
+                assert torch.allclose(together[i, :len(alone)], alone, atol=tolerance)
     finally:
         hook.remove()
 
@@ -120,9 +129,11 @@ def test_save_and_load_keep_the_setting(model, tmp_path):
     assert loaded.processor().pixel_values([image]).shape[0] == 5
 
 
-def test_generation_and_the_kv_cache_chat_see_every_view(model):
+@pytest.mark.parametrize("device", DEVICES)
+def test_generation_and_the_kv_cache_chat_see_every_view(model, device):
     from conversation import ChatSession
 
+    model = copy.deepcopy(model).to(device)
     image = picture(256, 64)
     first = model.chat(image, "What colour is the circle?", max_new_tokens=4)
     session = ChatSession(model, image)
