@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 IGNORE_INDEX = -100  # the label of a position that is not supervised
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a record's text
@@ -103,27 +103,37 @@ def image_source(ref, image_dir: str | None, where: str):
 
 
 def open_image(ref, image_dir: str | None, where: str) -> Image.Image:
-    """Decode an image reference fully (so a truncated file fails here, not mid-batch) as RGB."""
+    """Decode an image reference fully (so a truncated file fails here, not mid-batch) as RGB, upright: a phone
+    photo's EXIF orientation is applied, as transformers' load_image does."""
     source = image_source(ref, image_dir, where)
     try:
         image = source if isinstance(source, Image.Image) else Image.open(source)
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
     except Exception as error:
         raise DataError(f"{where}: cannot decode image {ref if isinstance(ref, str) else ''}: {error}") from None
 
 
 def image_size(ref, image_dir: str | None, where: str) -> tuple[int, int]:
-    """An image's (width, height) from its header, without decoding the pixels (cached features need no pixels)."""
+    """An image's upright (width, height) from its header, without decoding the pixels (cached features need no
+    pixels): the size open_image returns, so the scan counts the views the processor will cut."""
     source = image_source(ref, image_dir, where)
     if isinstance(source, Image.Image):
-        return source.size
+        return upright_size(source)
     try:
         with Image.open(source) as image:
-            return image.size
+            return upright_size(image)
     except Exception as error:
         raise DataError(f"{where}: cannot read the size of image {ref if isinstance(ref, str) else ''}: "
                         f"{error}") from None
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """EXIF orientations 5 to 8 turn the stored pixels by 90 degrees: width and height swap once applied."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8) else (width, height)
 
 
 # ==================================================================== dynamic resolution: tiles + a global view

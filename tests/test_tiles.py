@@ -219,3 +219,23 @@ def test_the_scan_rejects_a_sample_whose_views_cannot_fit_max_length(model, tmp_
                                         r"max_length 64"):
         ConversationDataset([str(tmp_path / "data.json")], VLMProcessor.from_model(model, max_length=64),
                             str(tmp_path))
+
+
+def test_an_exif_rotated_photo_is_read_upright_by_the_scan_and_the_processor(model, tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation: the pixels are turned upright (as
+    transformers' load_image does), and the header size the start-up scan counts views from is the upright one."""
+    from PIL import ExifTags
+
+    from processor import image_size, open_image
+
+    stored = picture(256, 64)
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # shown turned 90 degrees clockwise: 64 wide, 256 tall
+    stored.save(tmp_path / "photo.jpg", exif=exif)
+    upright = open_image("photo.jpg", str(tmp_path), "test")
+    assert upright.size == (64, 256) == image_size("photo.jpg", str(tmp_path), "test")
+    assert np.array_equal(np.asarray(upright), np.asarray(Image.open(tmp_path / "photo.jpg").transpose(
+        Image.Transpose.ROTATE_270)))
+    processor = model.processor()
+    assert processor.grid_of(image_size("photo.jpg", str(tmp_path), "test")) == (4, 1)  # a column, as it is seen
+    assert processor.pixel_values([upright]).shape[0] == 5
