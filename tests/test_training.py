@@ -23,9 +23,9 @@ from processor import VLMProcessor, make_tokenizer
 from training import LanguageModelingObjective, list_checkpoints, run_stage
 
 TIMEOUT = 300
-GLOO = ["--device", "cpu"]  # the multi-process tests check gloo on CPU ranks, GPU machine or not
-# Tests whose tolerances are fp32 CPU arithmetic's (a GPU's fp32 matmuls run in TF32): pinned to the CPU, so that they
-# hold on a machine with a GPU too. tests/test_gpu.py checks the GPU with its own tolerances.
+# Tests whose tolerances are fp32 CPU arithmetic's (a GPU's fp32 matmuls run in TF32), and the multi-process tests
+# (gloo on CPU ranks; on a GPU machine two ranks would ask for a GPU each): pinned to the CPU, so that they hold on a
+# machine with a GPU too. tests/test_gpu.py checks the GPU with its own tolerances.
 CPU_EXACT = ["--device", "cpu"]
 
 
@@ -115,7 +115,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, toy_tokenizer):
     data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
     tiny_vlm(toy_tokenizer).save_pretrained(tmp_path / "start")  # loaded, so that loading reports print
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = ["--model_path", str(tmp_path / "start"), "--max_steps", "4", "--save_steps", "0", *GLOO]
+    steps = ["--model_path", str(tmp_path / "start"), "--max_steps", "4", "--save_steps", "0", *CPU_EXACT]
     steps.append("--train_vision")  # the tower's gradients must reduce too, text-only batch or not
     logs = tmp_path / "rank_logs"
     two = subprocess.run([*TORCHRUN_2, "--log_dir",
@@ -147,7 +147,7 @@ def test_a_text_only_batch_on_one_rank_keeps_stage_one_in_step(tmp_path, engine)
     run = subprocess.run([*TORCHRUN_2,
                           os.path.join(ROOT, "pretrain_train.py"),
                           *common_args(data, tmp_path / "out", "--preset", "tiny", "--max_steps", "2", "--save_steps",
-                                       "0", "--batch_size", "2", *GLOO, *engine)],
+                                       "0", "--batch_size", "2", *CPU_EXACT, *engine)],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(read_log(tmp_path / "out")) == 2
@@ -594,7 +594,7 @@ def test_fsdp2_with_gloo_equals_ddp_and_its_checkpoints_resume_and_load(tmp_path
     data = write_llava_json(str(tmp_path / "data"), 16, text_only=text_only_for_rank_one_first())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = ["--preset", "tiny", "--max_steps", "4", "--save_steps", "2", "--batch_size", "2", "--grad_accum", "2",
-             "--train_vision", *GLOO]
+             "--train_vision", *CPU_EXACT]
 
     def torchrun(out, *extra):
         result = subprocess.run([*TORCHRUN_2,
@@ -626,7 +626,7 @@ def test_two_ranks_share_the_feature_encoding(tmp_path, data, toy_tokenizer):
 
     start = tmp_path / "start"
     tiny_vlm(toy_tokenizer).save_pretrained(start)
-    steps = ["--model_path", str(start), "--max_steps", "1", "--save_steps", "0", "--batch_size", "2", *GLOO]
+    steps = ["--model_path", str(start), "--max_steps", "1", "--save_steps", "0", "--batch_size", "2", *CPU_EXACT]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([*TORCHRUN_2,
                           os.path.join(ROOT, "pretrain_train.py"),
