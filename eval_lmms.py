@@ -38,9 +38,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conversation import on_device  # noqa: E402
-from model import VLM  # noqa: E402
 from processor import IGNORE_INDEX  # noqa: E402
-from training import resolve_dtype, with_max_tiles  # noqa: E402
+from inference import load_for_inference  # noqa: E402
 
 MODEL_NAME = "mary_vlm"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
@@ -62,8 +61,8 @@ class MaryVLM(lmms):
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
-        self.model = VLM.from_pretrained(pretrained, dtype=resolve_dtype(dtype, self.device)).to(self.device).eval()
-        with_max_tiles(self.model, None if max_tiles is None else int(max_tiles))
+        self.model = load_for_inference(pretrained, str(self.device), dtype,
+                                        None if max_tiles is None else int(max_tiles))
         self.processor = self.model.processor()
         self.batch_size = int(batch_size)
         self.system_prompt = system_prompt

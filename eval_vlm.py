@@ -140,36 +140,54 @@ def question_of(row: dict, where: str) -> dict:
             "type": row.get("type") or row.get("category") or "all"}
 
 
-def predict(args, questions: list[dict]) -> list[dict]:
-    import torch
-    from tqdm.auto import tqdm
+class HeldOutQuestions:
+    """A question file with its image files decoded up front, so that a missing or broken image stops a run before
+    any answer is generated (or, in training, before step 1). Images carried inside the file (a POPE parquet holds
+    thousands) are decoded as their batch comes."""
 
-    from processor import DataError, open_image
-    from model import VLM
+    def __init__(self, path: str, image_dir: str | None):
+        from processor import DataError, open_image
 
-    from training import describe_precision, resolve_dtype, with_max_tiles
+        self.path, self.image_dir, self.questions = path, image_dir, read_questions(path)
+        self._open, self._error = open_image, DataError
+        self.files = {q["image"]: self.image_of(q) for q in self.questions if isinstance(q["image"], str)
+                      and q["image"]}
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = VLM.from_pretrained(args.model_path, dtype=resolve_dtype(args.dtype, device)).to(device).eval()
-    with_max_tiles(model, args.max_tiles)
-    print(f"precision: {describe_precision(args.dtype, device, how='weights')}")
-    def image_of(q: dict):
+    def image_of(self, question: dict):
         try:
-            return open_image(q["image"], args.image_dir, f"{args.data_path}: {q['id']}")
-        except DataError as error:
+            return self._open(question["image"], self.image_dir, f"{self.path}: {question['id']}")
+        except self._error as error:
             raise SystemExit(str(error)) from None
 
-    # Image files are decoded before any answer is generated, so a missing or broken one stops the run at once;
-    # images carried inside the question file are decoded as their batch comes (a POPE file holds thousands).
-    files = {q["image"]: image_of(q) for q in questions if isinstance(q["image"], str) and q["image"]}
-    results = []
-    for start in tqdm(range(0, len(questions), args.batch_size), desc="eval", unit="batch"):
-        batch = questions[start:start + args.batch_size]
-        images = [files.get(q["image"]) if isinstance(q["image"], str) or q["image"] is None else image_of(q)
-                  for q in batch]
-        answers = model.batch_chat(images, [q["question"] for q in batch], max_new_tokens=args.max_new_tokens)
-        results += [{**q, "prediction": a} for q, a in zip(batch, answers)]
-    return results
+    def answer(self, model, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True,
+               **generation_kwargs) -> list[dict]:
+        """Each question with the model's answer under "prediction": greedy by default, in batches."""
+        from tqdm.auto import tqdm
+
+        results = []
+        for start in tqdm(range(0, len(self.questions), batch_size), desc="eval", unit="batch", disable=not progress):
+            batch = self.questions[start:start + batch_size]
+            images = [self.files.get(q["image"]) if isinstance(q["image"], str) or q["image"] is None
+                      else self.image_of(q) for q in batch]
+            answers = model.batch_chat(images, [q["question"] for q in batch], max_new_tokens=max_new_tokens,
+                                       **generation_kwargs)
+            results += [{**q, "prediction": a} for q, a in zip(batch, answers)]
+        return results
+
+
+def predict(args) -> list[dict]:
+    from inference import describe_precision, load_for_inference
+
+    questions = HeldOutQuestions(args.data_path, args.image_dir)
+    model = load_for_inference(args.model_path, args.device, args.dtype, args.max_tiles)
+    print(f"precision: {describe_precision(args.dtype, model.device, how='weights')}")
+    return questions.answer(model, args.batch_size, args.max_new_tokens)
+
+
+def write_predictions(results: list[dict], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({**r, "image": image_name(r.get("image"))}, ensure_ascii=False) + "\n"
+                     for r in results)
 
 
 def image_name(image) -> str | None:
@@ -215,13 +233,11 @@ def main(argv=None):
         with open(args.predictions, encoding="utf-8") as f:
             results = [json.loads(line) for line in f if line.strip()]
     elif args.model_path and args.data_path:
-        results = predict(args, read_questions(args.data_path))
+        results = predict(args)
     else:
         parser.error("give --model_path and --data_path, or --predictions")
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({**r, "image": image_name(r.get("image"))}, ensure_ascii=False) + "\n"
-                         for r in results)
+        write_predictions(results, args.output)
     metrics = compute_metrics(results)
     print_metrics(metrics)
     return metrics

@@ -36,18 +36,11 @@ def resolve_model_path(model_path: str | None) -> str:
 
 
 def load_model(args):
-    import torch
+    from inference import describe_precision, load_for_inference
 
-    from model import VLM
-
-    from training import describe_precision, resolve_dtype, with_max_tiles
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(args.dtype, device)
-    model = VLM.from_pretrained(resolve_model_path(args.model_path)).to(device=device, dtype=dtype).eval()
-    with_max_tiles(model, args.max_tiles)
-    print(f"loaded {model.name_or_path} on {device}; precision: "
-          f"{describe_precision(args.dtype, device, how='weights')}")
+    model = load_for_inference(resolve_model_path(args.model_path), args.device, args.dtype, args.max_tiles)
+    print(f"loaded {model.name_or_path} on {model.device}; precision: "
+          f"{describe_precision(args.dtype, model.device, how='weights')}")
     return model
 
 

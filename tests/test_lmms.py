@@ -65,10 +65,10 @@ def test_lmms_eval_scores_the_local_task_as_eval_vlm_does(answering_checkpoint):
     assert [answer_of(s) for s in samples] == [answer_of(s) for s in one_by_one]  # batching changes no answer
 
     # eval_vlm.py on the same parquet file: the same answers (the adapter prompts as the project's own chat does).
+    parquet = str(root / "datasets" / "shapes" / "eval.parquet")
     ours = [r for r in eval_vlm.predict(SimpleNamespace(model_path=model_path, dtype="fp32", device="cpu",
                                                         image_dir=None, batch_size=64, max_new_tokens=16,
-                                                        max_tiles=None, data_path="eval.parquet"),
-                                        eval_vlm.read_questions(str(root / "datasets" / "shapes" / "eval.parquet")))
+                                                        max_tiles=None, data_path=parquet))
             if r["lang"] == "en"]  # the task keeps the English questions
     assert [q["question"] for q in ours] == [s["input"] for s in samples]
     assert [q["prediction"] for q in ours] == [answer_of(s) for s in samples]
