@@ -193,8 +193,8 @@ def build_parser():
                           train_llm=True, max_length=2048, batch_size=8, warmup_ratio=0.1,
                           merge_loaded_adapters=True,
                           # Pairs share one image encoding and sit in rows of their own: no packing, and the
-                          # chosen/rejected collate reads pixels, not cached features.
-                          without=("--packing", "--cache_vision_features"))
+                          # chosen/rejected collate reads pixels, not cached features; replies are chat turns.
+                          without=("--packing", "--cache_vision_features", "--prompt_format"))
     dpo = parser.add_argument_group("DPO")
     dpo.add_argument("--beta", type=float, default=0.1, help="strength of the KL anchor to the reference")
     dpo.add_argument("--label_smoothing", type=float, default=0.0,

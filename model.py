@@ -67,6 +67,9 @@ class VLMConfig(PreTrainedConfig):
     # vision config's image_size: a DINOv2 folder declares 518 while its processor crops 224. None: the config's.
     image_size: int | None = None
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # How prompts are written: "chat" (the tokenizer's chat template) or "plain" (LLaVA's stage 1: the image tokens,
+    # then the caption). Saved with the model, so evaluation and chat prompt it as it was trained.
+    prompt_format: str = "chat"
     # Dynamic resolution: an image is cut into up to this many tiles of the tower's input size (the grid that fits
     # its aspect ratio best) plus a global view, each view num_image_tokens tokens. 1: one view, whatever the image.
     max_tiles: int = 1

@@ -1,4 +1,5 @@
-"""Stage 1: align the vision features to the LLM. Only the projector trains by default (LLaVA's recipe).
+"""Stage 1: align the vision features to the LLM. Only the projector trains by default (LLaVA's recipe), on
+captions in LLaVA's plain format: the image tokens, then the caption, no chat template (--prompt_format chat keeps it).
 
     python pretrain_train.py --data_path datasets/LLaVA-CC3M-Pretrain-595K/chat.json \
         --image_dir datasets/LLaVA-CC3M-Pretrain-595K/images --output_dir checkpoints/pretrain
@@ -9,7 +10,8 @@ from utils import run_stage_from_args, stage_parser
 
 def main(argv=None):
     parser = stage_parser(__doc__.splitlines()[0], lr=1e-3, train_vision=False, train_projector=True,
-                          train_llm=False, max_length=1024, batch_size=32)
+                          train_llm=False, max_length=1024, batch_size=32,
+                          prompt_format="plain")
     return run_stage_from_args(parser.parse_args(argv))
 
 

@@ -40,6 +40,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+PROMPT_FORMATS = ("chat", "plain")
 
 
 class DataError(ValueError):
@@ -190,16 +191,21 @@ class VLMProcessor:
     max_length: int = 2048
     max_tiles: int = 1  # dynamic resolution: up to this many encoder-sized tiles per image, plus a global view
     tile_size: int | None = None  # the side of the square the vision tower sees (needed when max_tiles > 1)
+    # "chat": the tokenizer's chat template. "plain": LLaVA's stage-1 format, the image tokens followed by the reply
+    # and the end token, no template, no system prompt, no question (a caption is all stage 1 teaches).
+    prompt_format: str = "chat"
     image_token_id: int = field(init=False)
 
     def __post_init__(self):
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format {self.prompt_format!r}: choose one of {PROMPT_FORMATS}")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
 
     @classmethod
     def from_model(cls, model, max_length: int = 2048) -> VLMProcessor:
         config = model.config
         return cls(model.tokenizer, model.image_processor, config.num_image_tokens, config.image_token,
-                   config.system_prompt, max_length, config.max_tiles, config.input_size)
+                   config.system_prompt, max_length, config.max_tiles, config.input_size, config.prompt_format)
 
     @property
     def pad_token_id(self) -> int:
@@ -275,6 +281,10 @@ class VLMProcessor:
         """input_ids and labels for a training conversation whose `<image>` placeholders are still unexpanded
         (`grids`: each image's tile grid, None for one view each). With last_reply_only, earlier replies are
         context, not targets (preference pairs)."""
+        if self.prompt_format == "plain":
+            input_ids, labels = self._plain_tokens(messages, where, grids)
+            self._check_length(input_ids, messages, where, grids)
+            return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         text, spans = self.render(self.expand_images(self.with_system_prompt(messages), grids))
         spans = spans[-1:] if last_reply_only else spans
         # Tokenised whole, the text gives exactly the prompt inference tokenises, as long as no token straddles a
@@ -289,6 +299,10 @@ class VLMProcessor:
             input_ids = encoding["input_ids"]
             labels = [token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX
                       for token, (offset, _) in zip(input_ids, encoding["offset_mapping"])]
+        self._check_length(input_ids, messages, where, grids)
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+
+    def _check_length(self, input_ids: list[int], messages: list[dict], where: str, grids) -> None:
         if len(input_ids) > self.max_length:
             num_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
             images = (f"{num_images} x {self.num_image_tokens} image tokens" if grids is None else
@@ -296,7 +310,24 @@ class VLMProcessor:
             raise DataError(f"{where}: {len(input_ids)} tokens (with {images}) exceed max_length {self.max_length}; "
                             f"cutting it would cut image tokens or a reply. Raise --max_length or pass "
                             f"--skip_bad_samples to drop such samples")
-        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+
+    def plain_prompt(self, num_images: int, grids: list[tuple[int, int]] | None = None) -> str:
+        """The plain format's prompt: each image's tokens (and tile markers), nothing else."""
+        return self.expand_images([{"role": "user", "content": IMAGE_PLACEHOLDER * num_images}], grids)[0]["content"]
+
+    def _plain_tokens(self, messages: list[dict], where: str, grids) -> tuple[list[int], list[int]]:
+        """LLaVA's plain format: the images' tokens, then the one reply and the end token, which alone are
+        supervised. The user's words are dropped (stage 1 teaches captions, whatever the record asks)."""
+        body = [m for m in messages if m["role"] != "system"]
+        num_images = body[0]["content"].count(IMAGE_PLACEHOLDER)
+        if len(body) != 2 or not num_images:
+            raise DataError(f"{where}: the plain format (stage 1) takes one user turn with its image and one reply; "
+                            f"this record has {len(body)} turns and {num_images} image(s). Pass --prompt_format chat "
+                            f"for conversations")
+        prompt = self.tokenizer(self.plain_prompt(num_images, grids), add_special_tokens=False)["input_ids"]
+        reply = self.tokenizer(body[1]["content"], add_special_tokens=False)["input_ids"]
+        reply.append(self.tokenizer.eos_token_id)
+        return prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
 
     def _tokens_boundary_by_boundary(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
         """The tokens up to each boundary are those of the text up to it, tokenised whole (before a reply, the
@@ -376,10 +407,16 @@ class VLMProcessor:
         rows, pixel_images = [], []
         for image, question, history in zip(images, questions, histories, strict=True):
             image = None if image is None else open_image(image, None, "chat input")
-            messages = self.expand_images(self.with_system_prompt(
-                self.generation_messages(image, question, history), system_prompt),
-                self.grids([image] if image is not None else []))
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            grids = self.grids([image] if image is not None else [])
+            if self.prompt_format == "plain":  # a stage-1 model continues from the image: it captions it
+                if image is None:
+                    raise ValueError("this model was trained in the plain format (stage 1): it describes an image "
+                                     "and takes no text-only question")
+                text = self.plain_prompt(1, grids)
+            else:
+                messages = self.expand_images(self.with_system_prompt(
+                    self.generation_messages(image, question, history), system_prompt), grids)
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             if image is not None:
                 pixel_images.append(image)

@@ -7,7 +7,6 @@ autocast, gradient accumulation normalised over the whole optimizer step, clippi
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
@@ -28,10 +27,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, get_scheduler
 
 from data import (ConversationDataset, Positioned, ScanPlan, check_data, collate, collate_positioned, load_records,
                   parse_record)
+from eval_vlm import HeldOutQuestions, compute_metrics, write_predictions
+from inference import describe_precision, resolve_dtype, with_max_tiles
 from model import VLM, vlm_from_components, vlm_from_preset, vlm_without_weights
 from processor import IGNORE_INDEX, DataError, VLMProcessor, make_tokenizer
 
@@ -132,42 +133,6 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that have it, else fp16 (with loss scaling); on a CPU, bf16 where its matrix units make
-    bf16 clearly faster than fp32 (AVX512-BF16, AMX), else fp32."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_bf16_speedup() >= 1.5 else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-@functools.cache
-def cpu_bf16_speedup() -> float:
-    """How many times faster a bf16 matmul runs than an fp32 one on this CPU (measured once, ~0.1 s). CPUs without
-    bf16 instructions emulate it, and there bf16 is slower."""
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return 0.0
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(512, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        a @ b  # warm-up: kernel selection
-        started = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        seconds[dtype] = time.perf_counter() - started
-    return seconds[torch.float32] / seconds[torch.bfloat16]
-
-
-def describe_precision(name: str, device: torch.device, how: str = "autocast") -> str:
-    """The precision --dtype NAME resolves to, and why; `how` is "autocast" in training, "weights" at inference."""
-    dtype = resolve_dtype(name, device)
-    label = {torch.float32: "fp32", torch.bfloat16: f"bf16 {how}", torch.float16: f"fp16 {how}"}[dtype]
-    if name == "auto" and device.type == "cpu":
-        return f"{label} (--dtype auto: bf16 matmuls run {cpu_bf16_speedup():.1f}x fp32 on this CPU)"
-    return f"{label} (--dtype {name})"
-
-
 def autocast_for(args, runtime: Runtime) -> torch.autocast:
     amp_dtype = resolve_dtype(args.dtype, runtime.device)
     return torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
@@ -185,9 +150,9 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
     their configs and processors only, their parameters on the meta device."""
     if not weights and not args.preset:
         where = "--model_path" if args.model_path else "--vision_model / --llm_model"
-        return with_max_tiles(loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
-                                     lambda: vlm_without_weights(args.model_path, args.vision_model, args.llm_model,
-                                                                 args.image_size)), args.max_tiles)
+        return with_run_settings(loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
+                                        lambda: vlm_without_weights(args.model_path, args.vision_model,
+                                                                    args.llm_model, args.image_size)), args)
     quantization = quantization_config(args)
     if args.model_path:
         model = loaded("--model_path", args.model_path, lambda: VLM.from_pretrained(args.model_path, **quantization))
@@ -214,17 +179,14 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     if args.lora and not model.config.lora:
         model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target)
+    return with_run_settings(model, args)
+
+
+def with_run_settings(model: VLM, args) -> VLM:
+    """What this run changes in the model's config, and so in the checkpoints it saves: the tiles and the prompt
+    format (stage 1 trains plain, later stages chat)."""
+    model.config.prompt_format = args.prompt_format
     return with_max_tiles(model, args.max_tiles)
-
-
-def with_max_tiles(model: VLM, max_tiles: int | None) -> VLM:
-    """--max_tiles goes into the config (None keeps the model's), so the checkpoints a run saves tile as it trained;
-    evaluation, the demo and the lmms-eval adapter set it the same way."""
-    if max_tiles is not None:
-        if max_tiles < 1:
-            raise SystemExit(f"--max_tiles {max_tiles}: give 1 (one view per image) or more tiles")
-        model.config.max_tiles = max_tiles
-    return model
 
 
 def loaded(flag: str, source: str, load):
@@ -321,6 +283,17 @@ def build_optimizer(model: VLM, args) -> torch.optim.Optimizer:
         raise ValueError("nothing to train: every module is frozen")
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+
+
+def build_scheduler(optimizer, args, total_steps: int):
+    """Linear warmup, then --lr_scheduler_type: cosine or linear to zero, constant, or warmup-stable-decay (the
+    peak held until the last --decay_ratio of the steps, then a cosine to zero)."""
+    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
+    specific = {}
+    if args.lr_scheduler_type == "warmup_stable_decay":
+        specific = {"num_decay_steps": round(args.decay_ratio * total_steps)}
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=specific)
 
 
 def shard_model(model: VLM) -> None:
@@ -564,6 +537,56 @@ def save_final_model(model: VLM, output_dir: str, runtime: Runtime) -> None:
     os.rmdir(temporary)
 
 
+# ==================================================================== held-out evaluation during training
+class HeldOutEvaluation:
+    """--eval_data_path: the model answers fixed held-out questions greedily every --eval_steps steps and after the
+    last one, with eval_vlm.py's own answering and scoring, so the curve's figures are the ones eval_vlm.py gives for
+    the saved checkpoint (in the same precision). The file and its images are read when the run starts: a problem
+    stops it before step 1. The main process evaluates; the others wait."""
+
+    def __init__(self, args, runtime: Runtime):
+        self.every, self.output_dir, self.runtime = args.eval_steps, args.output_dir, runtime
+        self.batch_size, self.max_new_tokens = args.eval_batch_size, args.eval_max_new_tokens
+        self.questions = HeldOutQuestions(args.eval_data_path, args.eval_image_dir or args.image_dir)
+        if args.fsdp and runtime.distributed:
+            raise SystemExit("--eval_data_path with --fsdp: generation on one rank cannot run a sharded model; "
+                             "evaluate the saved model with eval_vlm.py instead")
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every > 0 and step % self.every == 0)
+
+    def __call__(self, model: VLM, step: int, total_steps: int, autocast) -> dict | None:
+        """Metrics as one flat record ("eval/exact_match", "eval/<type>", POPE, object recall); after the last step
+        the answers go to predictions.jsonl and the metrics to eval_results.json."""
+        record = None
+        if self.runtime.is_main:
+            started = time.perf_counter()
+            model.eval()
+            with torch.no_grad(), autocast:
+                results = self.questions.answer(model, self.batch_size, self.max_new_tokens, progress=False)
+            metrics = compute_metrics(results)
+            record = flat_metrics(metrics)
+            record["eval/seconds"] = time.perf_counter() - started
+            if step == total_steps:
+                write_predictions(results, os.path.join(self.output_dir, "predictions.jsonl"))
+                with open(os.path.join(self.output_dir, "eval_results.json"), "w") as f:
+                    json.dump({"step": step, **metrics}, f, indent=2, ensure_ascii=False)
+        barrier(self.runtime)
+        return record
+
+
+def flat_metrics(metrics: dict) -> dict:
+    """eval_vlm's metrics as one level of "eval/..." numbers, for log.jsonl and wandb."""
+    record = {"eval/exact_match": metrics["exact_match"], "eval/questions": metrics["count"]}
+    if len(metrics["per_type"]) > 1:
+        record.update({f"eval/{kind}": values["exact_match"] for kind, values in metrics["per_type"].items()})
+    if "object_recall" in metrics:
+        record["eval/object_recall"] = metrics["object_recall"]
+    if "pope" in metrics:
+        record.update({"eval/pope_f1": metrics["pope"]["f1"], "eval/yes_ratio": metrics["pope"]["yes_ratio"]})
+    return record
+
+
 # ==================================================================== the loop
 def peak_memory_gb(device: torch.device) -> float:
     """The most memory this process has held so far: the GPU's tensors on CUDA, the resident set on a CPU."""
@@ -573,9 +596,11 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class MetricLogger:
-    """tqdm on the main process, one JSON line per logged step in output_dir/log.jsonl, wandb when asked."""
+    """tqdm on the main process, one JSON line per logged step in output_dir/log.jsonl, wandb when asked. Every line
+    carries its wall-clock `time` and the seconds since its process started (`run_seconds`), so that a learning
+    curve can put the stages of a job, start-ups included, on one time axis (scripts/plot_curve.py)."""
 
-    def __init__(self, args, runtime: Runtime, total_steps: int, start_step: int):
+    def __init__(self, args, runtime: Runtime, total_steps: int, start_step: int, process_started: float):
         self.enabled = runtime.is_main
         self.path = os.path.join(args.output_dir, "log.jsonl")
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, desc="train",
@@ -586,6 +611,12 @@ class MetricLogger:
 
             self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args),
                                     resume="allow")
+        self.process_started = process_started
+
+    def _write(self, line: dict) -> None:
+        now = time.time()
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**line, "time": now, "run_seconds": now - self.process_started}) + "\n")
 
     def log(self, step: int, record: dict, write: bool) -> None:
         if not self.enabled:
@@ -594,10 +625,19 @@ class MetricLogger:
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                              tok_s=f"{record['tokens_per_s']:.0f}")
         if write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+            self._write({"step": step, **record})
             if self.wandb is not None:
                 self.wandb.log(record, step=step)
+
+    def log_eval(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._write({"step": step, **record})
+        shown = ", ".join(f"{name.removeprefix('eval/')} {value:.1f}" for name, value in record.items()
+                          if name not in ("eval/seconds", "eval/questions"))
+        self.bar.write(f"step {step}: held-out {shown} ({record['eval/seconds']:.1f} s)")
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
 
     def close(self) -> None:
         self.bar.close()
@@ -605,7 +645,8 @@ class MetricLogger:
             self.wandb.finish()
 
 
-def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) -> None:
+def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn,
+          evaluation: HeldOutEvaluation | None = None, process_started: float | None = None) -> None:
     """Run the optimizer steps asked for, resuming from the newest checkpoint when --resume is given."""
     model.to(runtime.device)
     if args.gradient_checkpointing:
@@ -629,8 +670,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
     if args.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, args)
-    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    scheduler = build_scheduler(optimizer, args, total_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
     # What fixes the data order and the schedule: a resume that changes any of these cannot continue the same run.
     run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
@@ -665,7 +705,7 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                 model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
                 find_unused_parameters=any(p.requires_grad for p in model.vision_model.parameters()))
     set_train_mode(model, args.gradient_checkpointing)
-    logger = MetricLogger(args, runtime, total_steps, step)
+    logger = MetricLogger(args, runtime, total_steps, step, process_started or time.time())
     params = list(trainable_parameters(model).values())
     try:
         while step < total_steps:
@@ -725,6 +765,9 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn) ->
                          "run_shape": run_shape}
                 save_checkpoint(args.output_dir, step, model, optimizer, scheduler, scaler, state, runtime,
                                 args.save_total_limit)
+            if evaluation is not None and evaluation.due(step, total_steps):
+                logger.log_eval(step, evaluation(model, step, total_steps, autocast))
+                set_train_mode(model, args.gradient_checkpointing)
     finally:
         logger.close()
         if reach is not None:  # the trained model goes back as it came
@@ -848,6 +891,7 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
         except ImportError:
             raise SystemExit("--wandb_project logs to Weights & Biases, which is not installed: pip install wandb") \
                 from None
+    process_started = time.time()
     runtime = setup_runtime(args.device)
     seed_everything(args.seed)
     torch.set_float32_matmul_precision("high")
@@ -858,6 +902,8 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
         model = build_model(args, tokenizer_texts=texts, weights=False)
         dataset = build_dataset(args, VLMProcessor.from_model(model, args.max_length), validate=False)
         return report_data_check(dataset, args.num_workers)
+    # The held-out questions and their images are read first: a broken file stops the run before any work.
+    evaluation = HeldOutEvaluation(args, runtime) if args.eval_data_path else None
     model = build_model(args, tokenizer_texts=texts)
     set_trainable(model, args.train_vision, args.train_projector, args.train_llm)
     processor = VLMProcessor.from_model(model, args.max_length)
@@ -868,7 +914,7 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective=None, co
         describe_run(model, dataset, runtime, args)
     packing = {"pack_length": args.max_length} if args.packing else {}
     train(args, runtime, model, dataset, objective or LanguageModelingObjective(),
-          partial(collate, pad_token_id=processor.pad_token_id, **packing))
+          partial(collate, pad_token_id=processor.pad_token_id, **packing), evaluation, process_started)
     save_final_model(model, args.output_dir, runtime)
     if runtime.is_main:
         print(f"saved the final model to {args.output_dir}")

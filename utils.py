@@ -60,6 +60,10 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     optional(data, "--packing", action="store_true", default=False,
              help="pack each batch's samples into rows of up to --max_length tokens (no padding between them, no "
                   "attention across them)")
+    optional(data, "--prompt_format", default="chat", choices=["chat", "plain"],
+             help="chat: the tokenizer's chat template with a system prompt; plain: LLaVA's stage-1 format, the "
+                  "image tokens then the caption and the end token (no template, the question dropped). Saved with "
+                  "the model, so evaluation and chat prompt it the same way")
     data.add_argument("--group_by_length", action="store_true",
                       help="batch samples of similar length together (less padding; order still shuffled per "
                            "epoch in groups of 64 batches)")
@@ -80,6 +84,12 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
     train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    train.add_argument("--lr_scheduler_type", default="cosine",
+                       choices=["cosine", "linear", "constant_with_warmup", "warmup_stable_decay"],
+                       help="learning-rate schedule after the warmup (transformers' get_scheduler); "
+                            "warmup_stable_decay holds the peak and decays over the last --decay_ratio of the steps")
+    train.add_argument("--decay_ratio", type=float, default=0.2,
+                       help="warmup_stable_decay: share of the steps spent decaying to zero (cosine)")
     train.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warmup, as a share of all steps")
     train.add_argument("--warmup_steps", type=int, default=-1, help="linear warmup steps; overrides the ratio")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (<= 0: off)")
@@ -112,6 +122,18 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     lora.add_argument("--load_in_8bit", action="store_true",
                       help="the frozen LLM in 8-bit (bitsandbytes; with --lora; saved dequantized)")
 
+    evaluate = parser.add_argument_group("held-out evaluation during training (a learning curve)")
+    evaluate.add_argument("--eval_data_path", default=None,
+                          help="questions with answers, as eval_vlm.py reads them (JSONL, LLaVA JSON, parquet): "
+                               "answered greedily every --eval_steps steps and at the end; exact match per question "
+                               "type (object recall for captions) goes to log.jsonl, the progress bar and wandb, the "
+                               "last answers to OUTPUT_DIR/predictions.jsonl and eval_results.json")
+    evaluate.add_argument("--eval_image_dir", default=None, help="folder of its images (default: --image_dir)")
+    evaluate.add_argument("--eval_steps", type=int, default=0,
+                          help="evaluate every this many steps (<= 0: only after the last step)")
+    evaluate.add_argument("--eval_batch_size", type=int, default=64, help="questions per generation batch")
+    evaluate.add_argument("--eval_max_new_tokens", type=int, default=32, help="longest answer generated")
+
     ckpt = parser.add_argument_group("checkpoints and logging")
     ckpt.add_argument("--save_steps", type=int, default=500, help="write checkpoint-STEP/ every this many steps")
     ckpt.add_argument("--save_total_limit", type=int, default=2, help="checkpoints kept (oldest deleted first)")
@@ -134,5 +156,8 @@ def run_stage_from_args(args, **stage):
     try:
         return run_stage(args, **stage)
     except DataError as error:
-        # Raised in a loader worker, the message arrives wrapped in the worker's traceback; its last line is ours.
-        raise SystemExit("error: " + str(error).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        message = str(error).strip()
+        if "Traceback" in message:  # raised in a loader worker: the worker's traceback wraps it, ours is its last line
+            message = message.splitlines()[-1].split("DataError: ", 1)[-1]
+        # The start-up scan's report is several lines (every bad sample, then what to do): all of it is ours.
+        raise SystemExit("error: " + message) from None

@@ -6,6 +6,7 @@ random size and jitter inside its cell. From each scene the generator writes:
     pretrain.json   one caption turn per image ("a red circle on the top left and a blue square on the bottom right")
     sft.json        multi-turn conversations asking colour, shape, count, position and existence
     dpo.json        preference pairs {"image", "question", "chosen", "rejected"}: the rejected answer hallucinates
+    dpo_questions.jsonl  the same images' questions with their truth, for pairs from the model's own answers
     eval.jsonl      held-out single questions {"image", "question", "answer", "type", "lang"} for eval_vlm.py
     eval_captions.jsonl  the same held-out images to describe, with the objects a caption should name
     eval.parquet    the held-out questions with their images inside, as POPE and MME ship on the Hub
@@ -180,7 +181,8 @@ def sft_question_type(rng: random.Random, existence_share: float) -> str:
 
 
 def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_size: int,
-                sft_yes_share: float = 0.5, sft_existence_share: float = 0.2, object_scale: float = 1.0) -> str:
+                sft_yes_share: float = 0.5, sft_existence_share: float = 0.2, object_scale: float = 1.0,
+                sft_questions: tuple[int, int] = (3, 6)) -> str:
     rng = random.Random(seed)
     image_dir = os.path.join(output_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
@@ -196,7 +198,7 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
                 {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": caption(scene, zh)}]})
         elif kind == "sft":
             # Several questions per image: each answer is a supervised token, the image is encoded once.
-            kinds = [sft_question_type(rng, sft_existence_share) for _ in range(rng.randint(3, 6))]
+            kinds = [sft_question_type(rng, sft_existence_share) for _ in range(rng.randint(*sft_questions))]
             turns = []
             for t, question_type in enumerate(kinds):
                 question, answer = ask(question_type, scene, rng, zh, sft_yes_share)
@@ -207,6 +209,13 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
             for j, (question, chosen, rejected) in enumerate(preference_pairs(scene, rng, zh)):
                 records.append({"id": f"{kind}-{i}-{j}", "image": file_name, "question": question,
                                 "chosen": chosen, "rejected": rejected})
+            # The same images as questions with their truth, for pairs made from the model's own answers
+            # (scripts/onpolicy_pairs.py): every type once, and existence, the hallucination DPO is for, three times
+            # more (present and absent alike).
+            for j, question_type in enumerate(QUESTION_TYPES + ("existence",) * 3):
+                question, answer = ask(question_type, scene, rng, zh)
+                captions.append({"id": f"{kind}-{i}-q{j}", "image": file_name, "question": question,
+                                 "answer": answer, "type": question_type, "lang": "zh" if zh else "en"})
         else:
             captions.append({"id": f"{kind}-{i}-caption", "image": file_name, "type": "caption",
                              "question": "简要描述这张图片。" if zh else "Describe the image briefly.",
@@ -226,6 +235,9 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
         path = os.path.join(output_dir, f"{kind}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(records, f, ensure_ascii=False)
+    if kind == "dpo":
+        with open(os.path.join(output_dir, "dpo_questions.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in captions)
     return path
 
 
@@ -265,6 +277,8 @@ def main(argv=None):
                                                                   "(five questions each)")
     parser.add_argument("--sft_yes_share", type=float, default=0.5,
                         help="share of SFT existence questions whose answer is yes (the eval split keeps 0.5)")
+    parser.add_argument("--sft_questions", type=int, nargs=2, default=[3, 6], metavar=("MIN", "MAX"),
+                        help="questions per SFT conversation: each image is asked between MIN and MAX of them")
     parser.add_argument("--sft_existence_share", type=float, default=0.2,
                         help="share of SFT questions that are existence questions (0.2: as often as each other type)")
     parser.add_argument("--seed", type=int, default=0,
@@ -283,7 +297,7 @@ def main(argv=None):
         count = counts.get(kind, args.num_samples) if args.kind == "all" else args.num_samples
         seed = args.seed + offsets[kind] if args.kind == "all" else args.seed
         path = write_split(kind, args.output_dir, count, seed, args.image_size, args.sft_yes_share,
-                           args.sft_existence_share, args.object_scale)
+                           args.sft_existence_share, args.object_scale, tuple(args.sft_questions))
         print(f"{kind}: {path} ({count} images)")
     if args.kind == "all":
         print(f"tokenizer: {write_tokenizer(args.output_dir, args.vocab_size)}")

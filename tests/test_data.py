@@ -105,6 +105,34 @@ def test_generation_prompt_pads_left_and_ends_with_assistant_header(qwen_tokeniz
         assert qwen_tokenizer.decode(row[row_mask == 1]).endswith("<|im_start|>assistant\n")
 
 
+CAPTION = [{"role": "user", "content": "<image>\nDescribe the image briefly."},
+           {"role": "assistant", "content": "a red circle on the top left"}]
+
+
+def test_plain_format_supervises_only_the_caption_and_its_end_token(qwen_tokenizer):
+    """LLaVA's stage-1 format: the image tokens, then the caption and <|im_end|>; no template, no system prompt, no
+    question, and only the caption and its end token are labels."""
+    from transformers import SiglipImageProcessorPil
+
+    image_processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    processor = VLMProcessor(qwen_tokenizer, image_processor, num_image_tokens=169, prompt_format="plain")
+    encoded = processor.encode_chat([{"role": "system", "content": "ignored"}] + CAPTION)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert (ids[:169] == QWEN_IMAGE_PAD).all() and (ids == QWEN_IMAGE_PAD).sum() == 169
+    assert (labels[:169] == -100).all() and (labels[169:] != -100).all()
+    assert qwen_tokenizer.decode(ids[169:]) == "a red circle on the top left<|im_end|>"
+    assert len(ids) < len(VLMProcessor(qwen_tokenizer, None, num_image_tokens=169).encode_chat(CAPTION)["input_ids"])
+    # Generation prompts it the same way: the image tokens alone, whatever the question.
+    prompt = processor.encode_generation_batch([Image.new("RGB", (8, 8))], ["What is it?"])
+    assert prompt["input_ids"].tolist() == [ids[:169].tolist()]
+
+
+def test_plain_format_refuses_conversations(qwen_tokenizer):
+    processor = VLMProcessor(qwen_tokenizer, None, num_image_tokens=4, prompt_format="plain")
+    with pytest.raises(DataError, match="sample 3: the plain format .* 6 turns"):
+        processor.encode_chat(MULTI_TURN, "sample 3")
+
+
 def test_collate_pads_right_and_masks_padding(toy_tokenizer):
     processor = VLMProcessor(toy_tokenizer, None, num_image_tokens=4)
     short = processor.encode_chat(MULTI_TURN[:2])

@@ -13,6 +13,7 @@ from eval_vlm import normalise, read_questions, yes_no
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import make_shapes  # noqa: E402
+import onpolicy_pairs  # noqa: E402
 
 
 def test_normalisation_ignores_case_punctuation_articles_and_space():
@@ -153,3 +154,58 @@ def test_parquet_questions_carrying_their_images_read_like_the_jsonl(tmp_path):
         read_questions(str(tmp_path / "broken.parquet"))
     with pytest.raises(SystemExit, match="no parquet files in it"):
         read_questions(str(tmp_path / "images"))
+
+
+# ---------------------------------------------------------------- on-policy preference pairs
+def test_onpolicy_pairs_only_where_the_model_was_wrong_with_the_truth_chosen():
+    def row(qid, answer, prediction):
+        return {"id": qid, "image": "a.png", "question": f"q{qid}", "answer": answer, "prediction": prediction,
+                "type": "colour"}
+
+    answered = [row(1, "red", "Red."), row(1, "red", "blue"), row(1, "red", "Blue"), row(1, "red", "green"),
+                row(2, "Yes", "yes"), row(3, "No", "Yes"), row(4, "2", "")]
+    pairs = onpolicy_pairs.pairs_from_answers(answered)
+    assert [(p["question"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("q1", "red", "blue"), ("q1", "red", "green"), ("q3", "No", "Yes")]  # "Blue" repeats "blue"; "" is no reply
+    for pair in pairs:
+        assert normalise(pair["chosen"]) != normalise(pair["rejected"]) and pair["image"] == "a.png"
+
+
+def test_generator_writes_questions_with_their_truth_for_the_preference_images(tmp_path):
+    make_shapes.write_split("dpo", str(tmp_path), 6, seed=3, image_size=32)
+    questions = read_questions(str(tmp_path / "dpo_questions.jsonl"))
+    pair_images = {r["image"] for r in json.load(open(tmp_path / "dpo.json"))}
+    assert len(questions) == 6 * 8 and {q["image"] for q in questions} == pair_images
+    assert sum(q["type"] == "existence" for q in questions) == 6 * 4  # existence four times, every other type once
+
+
+# ---------------------------------------------------------------- held-out evaluation during training
+def test_metrics_logged_during_training_equal_eval_vlms_on_the_saved_checkpoint(tmp_path, trained_checkpoint):
+    """The last in-loop evaluation and eval_vlm.py on the final checkpoint: same answers, same metrics. (From a
+    model that answers in words, so that the answers compared are not blanks.)"""
+    import sft_train
+
+    root = str(tmp_path)
+    make_shapes.write_split("sft", root, 16, seed=1, image_size=32)  # images/ holds both splits
+    make_shapes.write_split("eval", root, 4, seed=5, image_size=32)  # 20 questions
+    out = tmp_path / "out"
+    sft_train.main(["--model_path", trained_checkpoint[0], "--data_path", str(tmp_path / "sft.json"),
+                    "--image_dir", str(tmp_path / "images"), "--output_dir", str(out), "--max_steps", "4",
+                    "--batch_size", "4", "--lr", "1e-4", "--num_workers", "0", "--dtype", "fp32", "--device", "cpu",
+                    "--save_steps", "0", "--eval_data_path", str(tmp_path / "eval.jsonl"), "--eval_steps", "2",
+                    "--eval_max_new_tokens", "8"])
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    evaluations = [r for r in log if "eval/exact_match" in r]
+    assert [r["step"] for r in evaluations] == [2, 4]
+    logged = json.load(open(out / "eval_results.json"))
+
+    metrics = eval_vlm.main(["--model_path", str(out), "--data_path", str(tmp_path / "eval.jsonl"), "--image_dir",
+                             str(tmp_path / "images"), "--output", str(tmp_path / "again.jsonl"), "--max_new_tokens",
+                             "8", "--dtype", "fp32", "--device", "cpu"])
+    assert logged == {"step": 4, **metrics}
+    assert evaluations[-1]["eval/exact_match"] == metrics["exact_match"]
+    for kind in ("colour", "count", "existence"):
+        assert evaluations[-1][f"eval/{kind}"] == metrics["per_type"][kind]["exact_match"], kind
+    predictions = [json.loads(line)["prediction"] for line in open(out / "predictions.jsonl")]
+    assert predictions == [json.loads(line)["prediction"] for line in open(tmp_path / "again.jsonl")]
+    assert len(predictions) == 20 and any(predictions)  # it answers something: the comparison is not of blanks

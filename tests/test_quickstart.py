@@ -17,28 +17,38 @@ import quickstart  # noqa: E402
 
 def read_losses(path):
     with open(path) as f:
-        return [json.loads(line)["loss"] for line in f]
+        return [record["loss"] for record in map(json.loads, f) if "loss" in record]
 
 
 def test_quickstart_pipeline_learns_and_writes_loadable_artefacts(tmp_path):
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     small = ["--preset", "tiny", "--data_dir", data, "--num_samples", "48", "--num_eval", "6", "--pretrain_steps", "24",
-             "--sft_steps", "24", "--dpo_steps", "12", "--num_dpo", "12", "--batch_size", "8", "--num_workers", "0",
+             "--sft_steps", "24", "--dpo_steps", "12", "--num_dpo", "12", "--pretrain_batch_size", "8",
+             "--sft_batch_size", "8",
+             "--dpo_batch_size", "8", "--num_workers", "0",
              "--warmup_steps", "2", "--dpo_lr", "1e-3"]
     results = quickstart.main(small + ["--output_dir", out])
 
     assert set(results["stages"]) == {"pretrain", "sft", "dpo"}
+    assert 0 <= results["stages"]["pretrain"]["object_recall"] <= 100  # stage 1 is scored on its captions
     for stage in ("pretrain", "sft"):
-        row = results["stages"][stage]
-        assert 0 <= row["exact_match"] <= 100 and {"em_colour", "em_count", "pope_f1", "yes_ratio"} <= set(row)
         losses = read_losses(os.path.join(out, stage, "log.jsonl"))
         assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3]), (stage, losses)
-    assert set(results["seconds"]) >= {"generate", "pretrain", "eval_pretrain", "sft", "eval_sft", "dpo", "eval_dpo",
-                                       "stages"}
+    row = results["stages"]["sft"]
+    assert 0 <= row["exact_match"] <= 100 and {"em_colour", "em_count", "pope_f1", "yes_ratio"} <= set(row)
+    assert set(results["seconds"]) >= {"generate", "pretrain", "sft", "dpo", "stages", "curve"}
+    # The held-out evaluations ran inside the stages: curve points in each log, and the curve drawn from them.
+    sft_log = [json.loads(line) for line in open(os.path.join(out, "sft", "log.jsonl"))]
+    assert [r["step"] for r in sft_log if "eval/exact_match" in r] == [8, 16, 24]  # 24 steps, 3 curve points
+    assert os.path.getsize(os.path.join(out, "curve.png")) > 0
+    # Stage 1 trained and saved in the plain format; SFT switched to the chat template.
+    assert VLM.config_class.from_pretrained(os.path.join(out, "pretrain")).prompt_format == "plain"
+    assert VLM.config_class.from_pretrained(os.path.join(out, "sft")).prompt_format == "chat"
     # DPO starts at its reference (loss ln 2) and moves the policy. (Whether it learns is test_dpo.py's: these pairs
     # are balanced, so in 12 steps a 1M-parameter model has nothing to learn but the images, which it cannot yet.)
     dpo_log = [json.loads(line) for line in open(os.path.join(out, "dpo", "log.jsonl"))]
-    assert abs(dpo_log[0]["loss"] - math.log(2)) < 1e-4 and abs(dpo_log[-1]["rewards/margin"]) > 0, dpo_log
+    dpo_steps = [r for r in dpo_log if "loss" in r]
+    assert abs(dpo_steps[0]["loss"] - math.log(2)) < 1e-4 and abs(dpo_steps[-1]["rewards/margin"]) > 0, dpo_log
     assert json.load(open(os.path.join(out, "results.json")))["stages"] == results["stages"]
     assert sum(1 for _ in open(os.path.join(out, "sft", "predictions.jsonl"))) == 6 * 5
 
@@ -63,20 +73,26 @@ def test_pretrained_recipe_on_a_few_dozen_samples(tmp_path, real_parts):
     results = quickstart.main(["--parts_dir", os.path.dirname(real_parts["llm"]), "--data_dir", data,
                                "--output_dir", out, "--num_samples", "32", "--num_eval", "4", "--num_dpo", "4",
                                "--image_size", "112", "--pretrain_steps", "8", "--sft_steps", "8", "--dpo_steps",
-                               "2", "--batch_size", "8", "--warmup_steps", "1", "--num_workers", "0"])
+                               "2", "--pretrain_lr", "1e-3", "--pretrain_batch_size", "8", "--sft_batch_size", "8",
+                               "--dpo_batch_size", "8", "--warmup_steps", "1", "--num_workers", "0"])
 
     assert 0 <= results["stages"]["pretrain"]["object_recall"] <= 100
     assert set(results["stages"]["sft"]) >= {"exact_match", "em_colour", "pope_f1", "yes_ratio", "true_yes_ratio"}
-    for stage in ("pretrain", "sft"):
-        losses = read_losses(os.path.join(out, stage, "log.jsonl"))
-        assert sum(losses[-2:]) < sum(losses[:2]), (stage, losses)
+    # SFT's loss falls within 8 steps. (Stage 1's, over 8 length-grouped batches of plain captions, swings with each
+    # batch's English/Chinese share; that stage 1 learns is the tiny pipeline's test.)
+    losses = read_losses(os.path.join(out, "sft", "log.jsonl"))
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    # DPO trained on pairs made from the SFT model's own wrong answers, the truth chosen.
+    pairs = json.load(open(os.path.join(data, "dpo_onpolicy.json")))
+    assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
     pretrain = VLM.from_pretrained(os.path.join(out, "pretrain"))
     assert pretrain.config.num_image_tokens == 16  # 112 px / 14 = 8x8 patches, downsampled to 4x4
+    image = os.path.join(data, "images", json.loads(open(os.path.join(data, "eval.jsonl")).readline())["image"])
+    assert isinstance(pretrain.chat(image, "Describe the image.", max_new_tokens=8), str)  # plain: it captions
     from transformers import AutoModelForCausalLM
 
     part = AutoModelForCausalLM.from_pretrained(real_parts["llm"])
     layer = "model.layers.29.mlp.down_proj.weight"  # stage 1 froze the LLM: its weights are the part's
     assert torch.equal(pretrain.language_model.state_dict()[layer], part.state_dict()[layer])
     model = VLM.from_pretrained(os.path.join(out, "dpo"))
-    image = os.path.join(data, "images", json.loads(open(os.path.join(data, "eval.jsonl")).readline())["image"])
     assert model.chat(image, "How many shapes are there?", max_new_tokens=8).strip()

@@ -41,7 +41,8 @@ def read_log(out) -> dict[int, dict]:
     with open(os.path.join(out, "log.jsonl")) as f:
         for line in f:
             record = json.loads(line)
-            records[record["step"]] = record
+            if "loss" in record:  # held-out evaluations log lines of their own
+                records[record["step"]] = record
     return records
 
 
@@ -210,11 +211,11 @@ def test_mixed_precision_runs_on_cpu_with_fp32_master_weights(tmp_path, data, dt
 @pytest.mark.parametrize("speedup, expected", [(4.2, torch.bfloat16), (1.1, torch.float32), (0.0, torch.float32)])
 def test_dtype_auto_on_a_cpu_takes_bf16_only_where_it_measures_faster(speedup, expected, monkeypatch, tmp_path, data,
                                                                      capsys):
-    import training
+    import inference
 
-    monkeypatch.setattr(training, "cpu_bf16_speedup", lambda: speedup)
-    assert training.resolve_dtype("auto", torch.device("cpu")) == expected
-    assert training.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice stays
+    monkeypatch.setattr(inference, "cpu_bf16_speedup", lambda: speedup)
+    assert inference.resolve_dtype("auto", torch.device("cpu")) == expected
+    assert inference.resolve_dtype("fp32", torch.device("cpu")) == torch.float32  # an explicit choice stays
     sft_train.main(common_args(data, tmp_path, "--preset", "tiny", "--max_steps", "1", "--batch_size", "4",
                                "--save_steps", "0", "--dtype", "auto", "--device", "cpu"))
     label = "bf16 autocast" if expected == torch.bfloat16 else "fp32"
@@ -223,13 +224,13 @@ def test_dtype_auto_on_a_cpu_takes_bf16_only_where_it_measures_faster(speedup, e
 
 
 def test_dtype_auto_measures_this_cpu():
-    import training
+    import inference
 
-    speedup = training.cpu_bf16_speedup()
+    speedup = inference.cpu_bf16_speedup()
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         assert speedup == 0.0  # no bf16 instructions: emulated bf16 is never chosen
     else:
-        assert speedup > 0 and training.cpu_bf16_speedup() == speedup  # measured once per process
+        assert speedup > 0 and inference.cpu_bf16_speedup() == speedup  # measured once per process
 
 
 def test_wandb_logging_only_when_asked(tmp_path, data, monkeypatch):
@@ -425,6 +426,24 @@ def test_an_over_long_sample_found_mid_run(tmp_path, data, skip, capsys):
     else:
         with pytest.raises(SystemExit, match=r"sample 9 \(id=s9\): \d+ tokens .* exceed max_length 400"):
             sft_train.main(args)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_missing_image_is_named_on_the_command_line(tmp_path, workers):
+    """The start-up scan's report names the file, the sample and the image, through the stage script's own exit
+    (it once printed only the report's last line: 'Fix the data, or pass --skip_bad_samples ...')."""
+    path, image_dir = write_llava_json(str(tmp_path / "data"), 4)
+    records = json.load(open(path))
+    records[2]["image"] = "does_not_exist_1234.png"
+    with open(path, "w") as f:
+        json.dump(records, f)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sft_train.py"),
+                             *common_args((path, image_dir), tmp_path / "out", "--preset", "tiny", "--max_steps", "1",
+                                          "--num_workers", workers)],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{path}: sample 2 (id=s2): image not found: " in result.stderr
+    assert "does_not_exist_1234.png" in result.stderr
 
 
 def test_a_run_whose_every_sample_fails_stops_in_one_line(tmp_path, data):
@@ -660,3 +679,38 @@ def test_cached_vision_features_give_the_same_losses_and_are_reused(tmp_path, da
     with pytest.raises(ValueError, match="needs a frozen vision tower"):
         pretrain_train.main(common_args(data, tmp_path / "bad", *steps, "--train_vision",
                                         "--cache_vision_features", str(cache)))
+
+
+# ---------------------------------------------------------------- held-out evaluation flags and the schedule
+@pytest.mark.parametrize("name, text, message", [
+    ("missing.jsonl", None, "missing.jsonl: no such file"),
+    ("broken.jsonl", '{"question": "q", "answer": "a"}\n{"question": ', "broken.jsonl:2: malformed JSON line"),
+])
+def test_a_bad_eval_file_stops_before_step_1_in_one_line_naming_it(tmp_path, data, name, text, message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sft_train.py"),
+                             *common_args(data, out, "--preset", "tiny", "--max_steps", "2", "--batch_size", "4",
+                                          "--eval_data_path", str(path))],
+                            capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert message in last and "Traceback" not in result.stderr, result.stderr
+    assert not (out / "log.jsonl").exists()  # no step was taken
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays(toy_tokenizer):
+    from training import build_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    args = argparse.Namespace(warmup_steps=2, warmup_ratio=0.0, lr_scheduler_type="warmup_stable_decay",
+                              decay_ratio=0.3)
+    scheduler, lrs = build_scheduler(optimizer, args, 10), []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == [0.0, 0.5, 1.0] and lrs[2:7] == [1.0] * 5  # warmup, then the peak held
+    assert lrs[7] > lrs[8] > lrs[9] > 0  # the last 30% decay

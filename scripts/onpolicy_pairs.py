@@ -1,0 +1,84 @@
+"""Preference pairs from the model's own answers: where a sampled answer is wrong, the truth is chosen and that
+answer rejected.
+
+    python scripts/onpolicy_pairs.py --model_path checkpoints/mini/sft --data_path datasets/shapes/dpo_questions.jsonl \
+        --image_dir datasets/shapes/images --output datasets/shapes/dpo_onpolicy.json
+
+The questions carry their true answers (any file eval_vlm.py reads: JSONL, LLaVA records, parquet). Each is answered
+--samples times with sampling at --temperature; an answer that does not match the truth after eval_vlm.py's
+normalisation becomes the rejected reply of a pair whose chosen reply is the truth, once per distinct wrong answer.
+The ground truth is the judge, where RLAIF-V asks a model: the pairs are on-policy (the mistakes this model makes)
+and never wrong about which reply is better. The file is what dpo_train.py reads ({"image", "question", "chosen",
+"rejected"}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from eval_vlm import HeldOutQuestions, image_name, normalise  # noqa: E402
+
+
+def pairs_from_answers(answered: list[dict]) -> list[dict]:
+    """One pair per (question, distinct wrong answer): chosen = the truth, rejected = the model's answer."""
+    pairs, seen = [], set()
+    for row in answered:
+        wrong = normalise(row["prediction"]) != normalise(row["answer"])
+        key = (row["id"], normalise(row["prediction"]))
+        if wrong and row["prediction"].strip() and key not in seen:
+            seen.add(key)
+            pairs.append({"id": f"{row['id']}-{len(pairs)}", "image": image_name(row.get("image")),
+                          "question": row["question"], "chosen": row["answer"], "rejected": row["prediction"],
+                          "type": row.get("type")})
+    return pairs
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model_path", required=True, help="the model whose answers are judged (an SFT checkpoint)")
+    parser.add_argument("--data_path", required=True, help="questions with their true answers")
+    parser.add_argument("--image_dir", default=None, help="folder the image paths are relative to")
+    parser.add_argument("--output", required=True, help="the pairs, as a JSON list")
+    parser.add_argument("--samples", type=int, default=4, help="answers sampled per question")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--batch_size", type=int, default=64, help="questions per generation batch")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="longest answer")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (None: cuda if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from inference import load_for_inference
+
+    questions = HeldOutQuestions(args.data_path, args.image_dir)
+    model = load_for_inference(args.model_path, args.device, args.dtype)
+    torch.manual_seed(args.seed)
+    answered = []
+    for _ in range(args.samples):
+        answered += questions.answer(model, args.batch_size, args.max_new_tokens, do_sample=True,
+                                     temperature=args.temperature, top_p=1.0, top_k=0)
+    pairs = pairs_from_answers(answered)
+    wrong = sum(normalise(r["prediction"]) != normalise(r["answer"]) for r in answered)
+    by_type = Counter(pair["type"] for pair in pairs)
+    print(f"{len(answered)} sampled answers to {len(questions.questions)} questions, {wrong} wrong: "
+          f"{len(pairs)} pairs ({', '.join(f'{k} {v}' for k, v in sorted(by_type.items()))})")
+    if not pairs:
+        raise SystemExit(f"{args.model_path} answered every sampled question right: no pairs to learn from "
+                         f"(raise --samples or --temperature, or give more questions)")
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(pairs, f, ensure_ascii=False)
+    print(f"pairs: {args.output}")
+    return pairs
+
+
+if __name__ == "__main__":
+    main()
