@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from collections import Counter
 
@@ -52,7 +53,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max_new_tokens", type=int, default=16, help="longest answer")
     parser.add_argument("--device", default=None, help="cpu, cuda ... (None: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    parser.add_argument("--max_pairs", type=int, default=0,
+                        help="keep at most this many pairs, drawn at random (0: all); DPO's reference pass and "
+                             "steps need no more than the pairs it trains on")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling and the draw")
     args = parser.parse_args(argv)
 
     import torch
@@ -68,9 +72,12 @@ def main(argv=None) -> list[dict]:
                                      temperature=args.temperature, top_p=1.0, top_k=0)
     pairs = pairs_from_answers(answered)
     wrong = sum(normalise(r["prediction"]) != normalise(r["answer"]) for r in answered)
+    found = len(pairs)
+    if 0 < args.max_pairs < found:
+        pairs = random.Random(args.seed).sample(pairs, args.max_pairs)
     by_type = Counter(pair["type"] for pair in pairs)
-    print(f"{len(answered)} sampled answers to {len(questions.questions)} questions, {wrong} wrong: "
-          f"{len(pairs)} pairs ({', '.join(f'{k} {v}' for k, v in sorted(by_type.items()))})")
+    print(f"{len(answered)} sampled answers to {len(questions.questions)} questions, {wrong} wrong: {found} pairs, "
+          f"{len(pairs)} kept ({', '.join(f'{k} {v}' for k, v in sorted(by_type.items()))})")
     if not pairs:
         raise SystemExit(f"{args.model_path} answered every sampled question right: no pairs to learn from "
                          f"(raise --samples or --temperature, or give more questions)")

@@ -233,7 +233,8 @@ def main(argv=None):
         pairs = os.path.join(args.data_dir, "dpo_onpolicy.json")
         run(["scripts/onpolicy_pairs.py", "--model_path", os.path.join(args.output_dir, "sft"), "--data_path",
              os.path.join(args.data_dir, "dpo_questions.jsonl"), "--image_dir", os.path.join(args.data_dir, "images"),
-             "--output", pairs, "--samples", str(args.dpo_samples), "--batch_size", str(args.eval_batch_size),
+             "--output", pairs, "--samples", str(args.dpo_samples), "--max_pairs",
+             str(args.dpo_steps * args.dpo_batch_size), "--batch_size", str(args.eval_batch_size),
              "--dtype", args.dtype, *device_flag(args), "--seed", str(args.seed)], seconds, "pairs")
     run(["dpo_train.py", "--beta", str(args.beta), "--sft_weight", str(args.dpo_sft_weight), "--precompute_ref",
          *stage_flags(args, "dpo", pairs)], seconds, "dpo")
