@@ -141,7 +141,16 @@ def describe_machine(device: str | None) -> str:
     cores = f"{os.cpu_count()} CPU cores"
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         return f"{torch.cuda.get_device_name(device)}, {cores}"
-    return cores
+    return f"{cores} ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()})"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), the first thing to say beside a time measured on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "CPU model unknown"
 
 
 def print_table(stages: dict, seconds: dict) -> None:
