@@ -674,7 +674,8 @@ def train(args, runtime: Runtime, model: VLM, dataset, objective, collate_fn,
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
     # What fixes the data order and the schedule: a resume that changes any of these cannot continue the same run.
     run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-                 "seed": args.seed, "group_by_length": args.group_by_length, "total_steps": total_steps}
+                 "seed": args.seed, "group_by_length": args.group_by_length, "total_steps": total_steps,
+                 "lr_scheduler_type": args.lr_scheduler_type}
 
     step, stream = 0, BatchStream(loader, sampler, args.batch_size)
     checkpoints = list_checkpoints(args.output_dir)

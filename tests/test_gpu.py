@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_vlm, write_llava_json
+from conftest import CHAT_STAGE_1, tiny_vlm, write_llava_json
 from test_dpo import pair_records
 from test_training import common_args, read_log
 
@@ -40,7 +40,7 @@ def stage_args(data, out, start, *extra):
 def test_three_stages_and_every_chat_entry_point_on_the_gpu(setup, capsys):
     data, tmp_path = setup
     pretrain_train.main(stage_args(data, tmp_path / "pretrain", tmp_path / "start", "--max_steps", "4",
-                                   "--cache_vision_features", str(tmp_path / "cache")))
+                                   "--cache_vision_features", str(tmp_path / "cache"), *CHAT_STAGE_1))
     sft_train.main(stage_args(data, tmp_path / "sft", tmp_path / "pretrain", "--max_steps", "4", "--packing",
                               "--gradient_checkpointing", "--group_by_length", "--lora", "--lora_dropout", "0.05"))
     assert "bf16 autocast" in capsys.readouterr().out
@@ -99,7 +99,8 @@ def test_tiled_stages_and_chat_on_the_gpu(setup):
         picture(*size, i).save(os.path.join(data[1], f"{i}.png"))
     tiled = ("--max_length", "1024")
     pretrain_train.main(stage_args(data, tmp_path / "pretrain", tmp_path / "start", "--max_steps", "3",
-                                   "--max_tiles", "4", "--cache_vision_features", str(tmp_path / "cache"), *tiled))
+                                   "--max_tiles", "4", "--cache_vision_features", str(tmp_path / "cache"), *tiled,
+                                   *CHAT_STAGE_1))
     sft_train.main(stage_args(data, tmp_path / "sft", tmp_path / "pretrain", "--max_steps", "3",
                               "--group_by_length", *tiled))
     pairs = pair_records(str(tmp_path / "pairs"))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, saved_start, tiny_vlm, write_llava_json
+from conftest import CHAT_STAGE_1, ROOT, saved_start, tiny_vlm, write_llava_json
 from safetensors.torch import load_file
 from test_dpo import pair_records
 
@@ -68,7 +68,7 @@ def test_lora_train_resume_load_and_merge(tmp_path, start, stage, capsys):
     else:
         data = write_llava_json(str(tmp_path / "data"), 12)
         main = pretrain_train.main if stage == "pretrain" else sft_train.main
-        extra = ["--train_llm"]
+        extra = ["--train_llm", *(CHAT_STAGE_1 if stage == "pretrain" else [])]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     main(args_for(data, start, whole, "--max_steps", "6", "--save_steps", "3", "--save_total_limit", "2", *extra))
     printed = capsys.readouterr().out

@@ -177,7 +177,7 @@ def test_stage_1_with_tiles_caches_one_row_per_view_and_saves_the_setting(tmp_pa
     from conftest import write_llava_json
     import pretrain_train
 
-    path, image_dir = write_llava_json(str(tmp_path), 4)
+    path, image_dir = write_llava_json(str(tmp_path), 4, turns=1)  # one image and one reply: stage 1's plain format
     for i, size in enumerate([(256, 64), (40, 40), (128, 128), (64, 200)]):  # 5, 1, 5 and 5 views
         picture(*size, i).save(f"{image_dir}/{i}.png")
     toy_tokenizer.save_pretrained(tmp_path / "tokenizer")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import CORPUS, ROOT, TORCHRUN_2, saved_start, tiny_vlm, write_llava_json
+from conftest import CHAT_STAGE_1, CORPUS, ROOT, TORCHRUN_2, saved_start, tiny_vlm, write_llava_json
 from safetensors.torch import load_file
 
 import pretrain_train
@@ -148,7 +148,7 @@ def test_a_text_only_batch_on_one_rank_keeps_stage_one_in_step(tmp_path, engine)
     run = subprocess.run([*TORCHRUN_2,
                           os.path.join(ROOT, "pretrain_train.py"),
                           *common_args(data, tmp_path / "out", "--preset", "tiny", "--max_steps", "2", "--save_steps",
-                                       "0", "--batch_size", "2", *CPU_EXACT, *engine)],
+                                       "0", "--batch_size", "2", *CPU_EXACT, *engine, *CHAT_STAGE_1)],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert len(read_log(tmp_path / "out")) == 2
@@ -176,7 +176,7 @@ def test_checkpointing_recomputes_a_frozen_llm_that_gradients_pass_through(tmp_p
     for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])):
         calls.clear()
         pretrain_train.main(common_args(data, tmp_path / name, "--preset", "tiny", "--max_steps", "1",
-                                        "--batch_size", "4", "--save_steps", "0") + extra)
+                                        "--batch_size", "4", "--save_steps", "0", *CHAT_STAGE_1) + extra)
         logs[name] = read_log(tmp_path / name)
         assert len(calls) == (8 if extra else 4), name
         assert not any(calls)  # the blocks' insides stay in eval mode
@@ -504,7 +504,7 @@ def test_frozen_modules_stay_bit_identical_and_trained_ones_change(tmp_path, dat
     before = final_weights(start)
     steps = ["--max_steps", "3", "--save_steps", "0", "--batch_size", "4"]
 
-    pretrain_train.main(common_args(data, tmp_path / "pre", "--model_path", str(start), *steps))
+    pretrain_train.main(common_args(data, tmp_path / "pre", "--model_path", str(start), *steps, *CHAT_STAGE_1))
     after = final_weights(tmp_path / "pre")
     assert not any(changed(before, after, "vision_model.")) and not any(changed(before, after, "language_model."))
     assert all(changed(before, after, "projector."))
@@ -645,7 +645,8 @@ def test_two_ranks_share_the_feature_encoding(tmp_path, data, toy_tokenizer):
 
     start = tmp_path / "start"
     tiny_vlm(toy_tokenizer).save_pretrained(start)
-    steps = ["--model_path", str(start), "--max_steps", "1", "--save_steps", "0", "--batch_size", "2", *CPU_EXACT]
+    steps = ["--model_path", str(start), "--max_steps", "1", "--save_steps", "0", "--batch_size", "2", *CPU_EXACT,
+             *CHAT_STAGE_1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([*TORCHRUN_2,
                           os.path.join(ROOT, "pretrain_train.py"),
@@ -665,7 +666,7 @@ def test_cached_vision_features_give_the_same_losses_and_are_reused(tmp_path, da
     start = tmp_path / "start"
     tiny_vlm(toy_tokenizer).save_pretrained(start)
     cache = tmp_path / "cache"
-    steps = ["--model_path", str(start), "--max_steps", "4", "--save_steps", "0", "--batch_size", "4"]
+    steps = ["--model_path", str(start), "--max_steps", "4", "--save_steps", "0", "--batch_size", "4", *CHAT_STAGE_1]
     pretrain_train.main(common_args(data, tmp_path / "online", *steps))
     pretrain_train.main(common_args(data, tmp_path / "cached", *steps, "--cache_vision_features", str(cache)))
     online, cached = read_log(tmp_path / "online"), read_log(tmp_path / "cached")
