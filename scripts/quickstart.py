@@ -59,14 +59,16 @@ RECIPES = {
     "mini": dict(output_dir="checkpoints/mini", num_samples=1280, num_eval=100, num_dpo=64, image_size=112,
                  pretrain_steps=80, pretrain_lr=2e-3, pretrain_batch_size=16, sft_steps=50, sft_lr=1e-4,
                  sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=20,
-                 dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=0.2, dpo_pairs="onpolicy", dpo_samples=1, warmup_steps=10,
+                 dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=0.2, dpo_pairs="onpolicy", dpo_samples=1,
+                 warmup_steps=10,
                  lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto", eval_batch_size=64,
                  curve_points=2),
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
     "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
                  pretrain_steps=500, pretrain_lr=5e-4, pretrain_batch_size=32, sft_steps=700, sft_lr=5e-4,
                  sft_projector_lr=None, sft_batch_size=32, sft_questions=(3, 6), sft_mode="full", dpo_steps=150,
-                 dpo_lr=2e-4, dpo_batch_size=32, dpo_sft_weight=0.0, dpo_pairs="offpolicy", dpo_samples=1, warmup_steps=50,
+                 dpo_lr=2e-4, dpo_batch_size=32, dpo_sft_weight=0.0, dpo_pairs="offpolicy", dpo_samples=1,
+                 warmup_steps=50,
                  lr_scheduler_type="cosine", max_length=256, dtype="fp32", eval_batch_size=128, curve_points=3),
 }
 # Held-out questions each stage answers during training: stage 1 describes the scenes (its format has no question).
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="onpolicy: the SFT model's own wrong answers rejected, the truth chosen "
                              "(scripts/onpolicy_pairs.py); offpolicy: the generator's fixed hallucination pairs")
     parser.add_argument("--dpo_samples", type=int, default=None,
-                        help="answers sampled per preference question for on-policy pairs (onpolicy_pairs.py --samples)")
+                        help="answers sampled per preference question for on-policy pairs "
+                             "(onpolicy_pairs.py --samples)")
     parser.add_argument("--curve_points", type=int, default=None,
                         help="held-out evaluations per stage during stage 1 and SFT (the last after the last step)")
     parser.add_argument("--sft_mode", default=None, choices=["full", "lora"],
