@@ -146,17 +146,16 @@ class HeldOutQuestions:
     thousands) are decoded as their batch comes."""
 
     def __init__(self, path: str, image_dir: str | None):
-        from processor import DataError, open_image
-
         self.path, self.image_dir, self.questions = path, image_dir, read_questions(path)
-        self._open, self._error = open_image, DataError
         self.files = {q["image"]: self.image_of(q) for q in self.questions if isinstance(q["image"], str)
                       and q["image"]}
 
     def image_of(self, question: dict):
+        from processor import DataError, open_image  # here: scoring a predictions file needs no torch
+
         try:
-            return self._open(question["image"], self.image_dir, f"{self.path}: {question['id']}")
-        except self._error as error:
+            return open_image(question["image"], self.image_dir, f"{self.path}: {question['id']}")
+        except DataError as error:
             raise SystemExit(str(error)) from None
 
     def answer(self, model, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True,

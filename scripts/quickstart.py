@@ -60,16 +60,15 @@ RECIPES = {
                  pretrain_steps=80, pretrain_lr=2e-3, pretrain_batch_size=16, sft_steps=50, sft_lr=1e-4,
                  sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=20,
                  dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=0.2, dpo_pairs="onpolicy", dpo_samples=1,
-                 warmup_steps=10,
-                 lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto", eval_batch_size=64,
-                 curve_points=2),
+                 warmup_steps=10, lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto",
+                 eval_batch_size=64, curve_points=2),
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
     "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
                  pretrain_steps=500, pretrain_lr=5e-4, pretrain_batch_size=32, sft_steps=700, sft_lr=5e-4,
                  sft_projector_lr=None, sft_batch_size=32, sft_questions=(3, 6), sft_mode="full", dpo_steps=150,
                  dpo_lr=2e-4, dpo_batch_size=32, dpo_sft_weight=0.0, dpo_pairs="offpolicy", dpo_samples=1,
-                 warmup_steps=50,
-                 lr_scheduler_type="cosine", max_length=256, dtype="fp32", eval_batch_size=128, curve_points=3),
+                 warmup_steps=50, lr_scheduler_type="cosine", max_length=256, dtype="fp32", eval_batch_size=128,
+                 curve_points=3),
 }
 # Held-out questions each stage answers during training: stage 1 describes the scenes (its format has no question).
 EVAL_FILES = {"pretrain": ("eval_captions.jsonl", 48), "sft": ("eval.jsonl", 16), "dpo": ("eval.jsonl", 16)}
