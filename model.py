@@ -62,6 +62,10 @@ class VLMConfig(PreTrainedConfig):
     image_token_id: int | None = None
     downsample_factor: int = 2
     projector_hidden_size: int | None = None  # None: the LLM's hidden size
+    # "layernorm": a LayerNorm on the projector's input (its weights saved with the projector's, so inference uses
+    # it too). Tower features can carry a large shared offset and a few dominant directions; normalising each token
+    # is the cheapest way to give the first linear layer inputs of one scale. None: the plain LLaVA-1.5 MLP.
+    projector_input_norm: str | None = None
     vision_feature_layer: int = -1  # -1: the tower's last_hidden_state; other values index hidden_states
     # The side of the square image the tower is fed, as the image processor produces it. It can differ from the
     # vision config's image_size: a DINOv2 folder declares 518 while its processor crops 224. None: the config's.
@@ -120,17 +124,23 @@ def downsample_grid(features: torch.Tensor, grid: int, out_grid: int) -> torch.T
     return image.flatten(2).transpose(1, 2).to(features.dtype)
 
 
-class Projector(nn.Module):
-    """Two-layer MLP from the vision width to the LLM width (LLaVA-1.5's mlp2x_gelu)."""
+PROJECTOR_INPUT_NORMS = (None, "layernorm")
 
-    def __init__(self, vision_size: int, hidden_size: int, text_size: int):
+
+class Projector(nn.Module):
+    """Two-layer MLP from the vision width to the LLM width (LLaVA-1.5's mlp2x_gelu), optionally after a LayerNorm."""
+
+    def __init__(self, vision_size: int, hidden_size: int, text_size: int, input_norm: str | None = None):
         super().__init__()
+        if input_norm not in PROJECTOR_INPUT_NORMS:
+            raise ValueError(f"projector_input_norm {input_norm!r}: choose one of {PROJECTOR_INPUT_NORMS}")
+        self.norm = nn.LayerNorm(vision_size) if input_norm == "layernorm" else nn.Identity()
         self.fc1 = nn.Linear(vision_size, hidden_size)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_size, text_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
 @dataclass
@@ -169,7 +179,7 @@ class VLM(PreTrainedModel, GenerationMixin):
             sub_config._attn_implementation = sub_config._attn_implementation or config._attn_implementation
         text_size = config.text_config.hidden_size
         self.projector = Projector(config.vision_config.hidden_size, config.projector_hidden_size or text_size,
-                                   text_size)
+                                   text_size, config.projector_input_norm)
         # Set by attach_processors / from_pretrained; chat() and the data pipeline need them.
         self.tokenizer = None
         self.image_processor = None
@@ -180,6 +190,9 @@ class VLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
     # ---------------------------------------------------------------- image features
@@ -504,7 +517,7 @@ def vlm_from_components(vision_model: str, llm_model: str, dtype: torch.dtype = 
 
 
 def vlm_without_weights(model_path: str | None = None, vision_model: str | None = None,
-                        llm_model: str | None = None, image_size: int | None = None) -> VLM:
+                        llm_model: str | None = None, image_size: int | None = None, **config_kwargs) -> VLM:
     """A VLM checkpoint's, or two components', configs, tokenizer and image processor around parameters on the meta
     device: everything checking data needs (geometry, chat template, image tokens), read in a second and no weights
     loaded, whatever the model's size."""
@@ -513,7 +526,7 @@ def vlm_without_weights(model_path: str | None = None, vision_model: str | None 
         tokenizer, image_processor = AutoTokenizer.from_pretrained(model_path), image_processor_of(model_path)
     else:
         config = VLMConfig(vision_config=vision_config_of(vision_model),
-                           text_config=AutoConfig.from_pretrained(llm_model))
+                           text_config=AutoConfig.from_pretrained(llm_model), **config_kwargs)
         tokenizer, image_processor = AutoTokenizer.from_pretrained(llm_model), image_processor_of(vision_model,
                                                                                                   image_size)
     with torch.device("meta"):

@@ -312,8 +312,12 @@ class VLMProcessor:
                             f"--skip_bad_samples to drop such samples")
 
     def plain_prompt(self, num_images: int, grids: list[tuple[int, int]] | None = None) -> str:
-        """The plain format's prompt: each image's tokens (and tile markers), nothing else."""
-        return self.expand_images([{"role": "user", "content": IMAGE_PLACEHOLDER * num_images}], grids)[0]["content"]
+        """The plain format's prompt: the tokenizer's start token where it has one (as LLaVA's Llama prompt starts
+        with <s>), then each image's tokens (and tile markers), nothing else. An LLM's first position becomes the
+        attention sink that every later token leans on; a text token holds it as in pretraining, where an image
+        token would have to learn to."""
+        images = self.expand_images([{"role": "user", "content": IMAGE_PLACEHOLDER * num_images}], grids)
+        return (self.tokenizer.bos_token or "") + images[0]["content"]
 
     def _plain_tokens(self, messages: list[dict], where: str, grids) -> tuple[list[int], list[int]]:
         """LLaVA's plain format: the images' tokens, then the one reply and the end token, which alone are

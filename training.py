@@ -148,11 +148,13 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
     """From a VLM checkpoint (--model_path), a named preset (--preset), or two pretrained components; then LoRA
     adapters when asked for and not already there. Without weights (--check_data), a checkpoint or components give
     their configs and processors only, their parameters on the meta device."""
+    settings = new_model_settings(args)
     if not weights and not args.preset:
         where = "--model_path" if args.model_path else "--vision_model / --llm_model"
         return with_run_settings(loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
                                         lambda: vlm_without_weights(args.model_path, args.vision_model,
-                                                                    args.llm_model, args.image_size)), args)
+                                                                    args.llm_model, args.image_size, **settings)),
+                                 args)
     quantization = quantization_config(args)
     if args.model_path:
         model = loaded("--model_path", args.model_path, lambda: VLM.from_pretrained(args.model_path, **quantization))
@@ -161,11 +163,11 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
             tokenizer = loaded("--tokenizer", args.tokenizer, lambda: AutoTokenizer.from_pretrained(args.tokenizer))
         else:  # nothing pretrained: a small BPE learnt from the training text itself
             tokenizer = make_tokenizer(tokenizer_texts(), vocab_size=args.tokenizer_vocab_size)
-        model = vlm_from_preset(args.preset, tokenizer)
+        model = vlm_from_preset(args.preset, tokenizer, **settings)
     else:
         model = loaded("--vision_model / --llm_model", f"{args.vision_model}, {args.llm_model}",
                        lambda: vlm_from_components(args.vision_model, args.llm_model, llm_kwargs=quantization,
-                                                   image_size=args.image_size))
+                                                   image_size=args.image_size, **settings))
     if args.merge_loaded_adapters and model.config.lora:
         # DPO: the starting model is the reference, and a LoRA SFT checkpoint's adapters are part of it. Switching
         # them off would score the policy against the model before SFT; folded in, "adapters off" is the SFT model.
@@ -180,6 +182,21 @@ def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
     if args.lora and not model.config.lora:
         model.add_lora(args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target)
     return with_run_settings(model, args)
+
+
+def new_model_settings(args) -> dict:
+    """The architecture flags a new model is built with. A checkpoint keeps the ones it was trained with: changing
+    them would feed its trained projector inputs it never saw, so giving them with --model_path is an error."""
+    settings = {"vision_feature_layer": args.vision_feature_layer,
+                "projector_input_norm": args.projector_input_norm}
+    settings = {key: value for key, value in settings.items() if value is not None}
+    if args.model_path and settings:
+        flags = ", ".join(f"--{key}" for key in settings)
+        raise SystemExit(f"{flags}: set when a model is built (stage 1); {args.model_path} keeps what it was "
+                         f"trained with (see its config.json)")
+    if settings.get("projector_input_norm") == "none":
+        settings["projector_input_norm"] = None
+    return settings
 
 
 def with_run_settings(model: VLM, args) -> VLM:

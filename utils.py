@@ -39,6 +39,12 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
                        help="dynamic resolution: cut each image into up to this many tower-sized tiles (the grid "
                             "that fits its aspect ratio) plus a global view; default: the checkpoint's setting, "
                             "1 (one view per image) for a new model")
+    model.add_argument("--vision_feature_layer", type=int, default=None,
+                       help="new model: the tower layer whose patch features the projector reads (-1: the last "
+                            "hidden state, -2: the layer before it, as LLaVA-1.5 does); default -1")
+    model.add_argument("--projector_input_norm", default=None, choices=["none", "layernorm"],
+                       help="new model: normalise each image token before the projector's MLP (saved with the "
+                            "model); default none, LLaVA-1.5's MLP")
     model.add_argument("--preset", default=None, choices=["tiny", "small", "real"],
                        help="build a randomly initialised VLM of a named size instead of loading components")
     model.add_argument("--tokenizer", default=None,

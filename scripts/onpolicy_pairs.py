@@ -8,8 +8,14 @@ The questions carry their true answers (any file eval_vlm.py reads: JSONL, LLaVA
 --samples times with sampling at --temperature; an answer that does not match the truth after eval_vlm.py's
 normalisation becomes the rejected reply of a pair whose chosen reply is the truth, once per distinct wrong answer.
 The ground truth is the judge, where RLAIF-V asks a model: the pairs are on-policy (the mistakes this model makes)
-and never wrong about which reply is better. The file is what dpo_train.py reads ({"image", "question", "chosen",
-"rejected"}).
+and never wrong about which reply is better.
+
+A biased model's mistakes lean one way: an SFT model that says "yes" to almost every existence question makes
+almost only "no"-is-right pairs, and DPO on those learns to say "no" to everything (it did, on two seeds). So the
+pairs are then balanced (--no-balance turns this off): within each question type and language, every answer is
+chosen as often as it is rejected. An answer rejected more often than chosen gets mirror pairs, on questions whose
+truth it is, against the answer chosen more often than rejected; DPO then learns which answer the image supports,
+not which answer to give. The file is what dpo_train.py reads ({"image", "question", "chosen", "rejected"}).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import os
 import random
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,10 +40,40 @@ def pairs_from_answers(answered: list[dict]) -> list[dict]:
         key = (row["id"], normalise(row["prediction"]))
         if wrong and row["prediction"].strip() and key not in seen:
             seen.add(key)
-            pairs.append({"id": f"{row['id']}-{len(pairs)}", "image": image_name(row.get("image")),
-                          "question": row["question"], "chosen": row["answer"], "rejected": row["prediction"],
-                          "type": row.get("type")})
+            pairs.append(make_pair(row, row["prediction"], f"{row['id']}-{len(pairs)}"))
     return pairs
+
+
+def balance_answers(pairs: list[dict], answered: list[dict]) -> list[dict]:
+    """Add mirror pairs until, within each (type, language), every answer is chosen as often as it is rejected (or
+    no unpaired question is left whose truth is the answer short of being chosen)."""
+    net, written = Counter(), {}  # (type, lang, answer) -> times chosen minus times rejected; its first spelling
+    for pair in pairs:
+        group = (pair.get("type"), pair.get("lang"))
+        for reply, sign in ((pair["chosen"], 1), (pair["rejected"], -1)):
+            net[group + (normalise(reply),)] += sign
+            written.setdefault(group + (normalise(reply),), reply)
+    paired = {pair["question_id"] for pair in pairs}
+    unpaired = defaultdict(list)  # (type, lang, truth) -> questions not in any pair yet, in the order answered
+    for row in {row["id"]: row for row in answered if row["id"] not in paired}.values():
+        unpaired[(row.get("type"), row.get("lang"), normalise(row["answer"]))].append(row)
+    mirrors = []
+    for short in sorted(key for key, value in net.items() if value < 0):
+        for row in unpaired[short]:
+            surplus = [key for key, value in net.items() if key[:2] == short[:2] and value > 0]
+            if net[short] >= 0 or not surplus:
+                break
+            over = max(surplus, key=lambda key: (net[key], key))
+            mirrors.append(make_pair(row, written[over], f"{row['id']}-mirror"))
+            net[short] += 1
+            net[over] -= 1
+    return pairs + mirrors
+
+
+def make_pair(row: dict, rejected: str, pair_id: str) -> dict:
+    return {"id": pair_id, "question_id": row["id"], "image": image_name(row.get("image")),
+            "question": row["question"], "chosen": row["answer"], "rejected": rejected, "type": row.get("type"),
+            "lang": row.get("lang")}
 
 
 def main(argv=None) -> list[dict]:
@@ -56,6 +92,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--max_pairs", type=int, default=0,
                         help="keep at most this many pairs, drawn at random (0: all); DPO's reference pass and "
                              "steps need no more than the pairs it trains on")
+    parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                        help="add mirror pairs so that no answer is chosen more often than it is rejected")
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling and the draw")
     args = parser.parse_args(argv)
 
@@ -72,11 +110,15 @@ def main(argv=None) -> list[dict]:
                                      temperature=args.temperature, top_p=1.0, top_k=0)
     pairs = pairs_from_answers(answered)
     wrong = sum(normalise(r["prediction"]) != normalise(r["answer"]) for r in answered)
+    mistakes = len(pairs)
+    if args.balance:
+        pairs = balance_answers(pairs, answered)
     found = len(pairs)
     if 0 < args.max_pairs < found:
         pairs = random.Random(args.seed).sample(pairs, args.max_pairs)
     by_type = Counter(pair["type"] for pair in pairs)
-    print(f"{len(answered)} sampled answers to {len(questions.questions)} questions, {wrong} wrong: {found} pairs, "
+    print(f"{len(answered)} sampled answers to {len(questions.questions)} questions, {wrong} wrong: {mistakes} "
+          f"pairs from mistakes, {found - mistakes} mirror pairs, "
           f"{len(pairs)} kept ({', '.join(f'{k} {v}' for k, v in sorted(by_type.items()))})")
     if not pairs:
         raise SystemExit(f"{args.model_path} answered every sampled question right: no pairs to learn from "

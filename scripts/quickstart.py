@@ -61,14 +61,14 @@ RECIPES = {
                  sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=20,
                  dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=0.2, dpo_pairs="onpolicy", dpo_samples=1,
                  warmup_steps=10, lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto",
-                 eval_batch_size=64, curve_points=2),
+                 eval_batch_size=64, curve_points=2, projector_input_norm="none"),
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
     "tiny": dict(output_dir="checkpoints/tiny", num_samples=4000, num_eval=300, num_dpo=1000, image_size=None,
                  pretrain_steps=500, pretrain_lr=5e-4, pretrain_batch_size=32, sft_steps=700, sft_lr=5e-4,
                  sft_projector_lr=None, sft_batch_size=32, sft_questions=(3, 6), sft_mode="full", dpo_steps=150,
                  dpo_lr=2e-4, dpo_batch_size=32, dpo_sft_weight=0.0, dpo_pairs="offpolicy", dpo_samples=1,
                  warmup_steps=50, lr_scheduler_type="cosine", max_length=256, dtype="fp32", eval_batch_size=128,
-                 curve_points=3),
+                 curve_points=3, projector_input_norm="none"),
 }
 # Held-out questions each stage answers during training: stage 1 describes the scenes (its format has no question).
 EVAL_FILES = {"pretrain": ("eval_captions.jsonl", 48), "sft": ("eval.jsonl", 16), "dpo": ("eval.jsonl", 16)}
@@ -106,12 +106,13 @@ def module_flags(args, stage: str) -> list[str]:
         # Nothing is pretrained, so stages 1-2 train every module; DPO keeps its default (vision frozen).
         if stage == "pretrain":
             return ["--preset", "tiny", "--tokenizer", os.path.join(args.data_dir, "tokenizer"), "--train_vision",
-                    "--train_llm", "--train_projector"]
+                    "--train_llm", "--train_projector", "--projector_input_norm", args.projector_input_norm]
         return start + ([] if stage == "dpo" else ["--train_vision", "--train_llm", "--train_projector"])
     if stage == "pretrain":  # the real recipe's stage 1: tower and LLM frozen, the projector learns to translate
         return ["--vision_model", os.path.join(args.parts_dir, "vision"), "--llm_model",
                 os.path.join(args.parts_dir, "llm"), "--image_size", str(args.image_size), "--no-train_llm",
-                "--train_projector", "--cache_vision_features", os.path.join(args.output_dir, "feature_cache")]
+                "--train_projector", "--cache_vision_features", os.path.join(args.output_dir, "feature_cache"),
+                "--projector_input_norm", args.projector_input_norm]
     if stage == "sft" and args.sft_mode == "lora":
         start += ["--lora", "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r)]
     if stage == "sft" and args.sft_projector_lr:  # a fresh projector learns faster than the pretrained LLM may
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{stage}_batch_size", type=int, default=None, help=f"{stage} samples per step")
     parser.add_argument("--sft_projector_lr", type=float, default=None,
                         help="SFT's projector learning rate (None: --sft_lr)")
+    parser.add_argument("--projector_input_norm", default=None, choices=["none", "layernorm"],
+                        help="stage 1 builds the projector with a LayerNorm on its input, or without")
     parser.add_argument("--sft_questions", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="questions per SFT conversation (make_shapes.py --sft_questions)")
     parser.add_argument("--lr_scheduler_type", default=None,

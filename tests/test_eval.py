@@ -4,6 +4,7 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 
 import pytest
 from conftest import ROOT
@@ -169,6 +170,29 @@ def test_onpolicy_pairs_only_where_the_model_was_wrong_with_the_truth_chosen():
         ("q1", "red", "blue"), ("q1", "red", "green"), ("q3", "No", "Yes")]  # "Blue" repeats "blue"; "" is no reply
     for pair in pairs:
         assert normalise(pair["chosen"]) != normalise(pair["rejected"]) and pair["image"] == "a.png"
+
+
+def test_balanced_pairs_choose_every_answer_as_often_as_they_reject_it():
+    """A yes-biased model's mistakes are all "no is right" pairs; mirror pairs on questions whose truth is "yes"
+    (against "no") even the two answers out, within a type and language, and never pair a question twice."""
+    def row(qid, answer, prediction, kind="existence", lang="en"):
+        return {"id": qid, "image": f"{qid}.png", "question": f"q{qid}", "answer": answer, "prediction": prediction,
+                "type": kind, "lang": lang}
+
+    answered = [row(1, "No", "Yes"), row(2, "No", "Yes."), row(3, "No", "yes"), row(4, "Yes", "Yes"),
+                row(5, "Yes", "Yes"), row(6, "No", "No"), row(7, "否", "是", lang="zh"), row(8, "是", "是", lang="zh"),
+                row(9, "是", "是", lang="zh"), row(10, "red", "purple", "colour"), row(11, "purple", "purple", "colour")]
+    mistakes = onpolicy_pairs.pairs_from_answers(answered)
+    pairs = onpolicy_pairs.balance_answers(mistakes, answered)
+    assert pairs[:len(mistakes)] == mistakes and len(mistakes) == 5
+    mirrors = [(p["question"], p["chosen"], p["rejected"]) for p in pairs[len(mistakes):]]
+    assert sorted(mirrors) == [("q11", "purple", "red"), ("q4", "Yes", "No"), ("q5", "Yes", "No"),
+                               ("q8", "是", "否")]  # q1-q3 were wrong "yes" answers: two yes-true questions remain
+    chosen = Counter((p["type"], p["lang"], normalise(p["chosen"])) for p in pairs)
+    rejected = Counter((p["type"], p["lang"], normalise(p["rejected"])) for p in pairs)
+    assert chosen[("existence", "en", "yes")] == 2 and rejected[("existence", "en", "yes")] == 3  # no 3rd yes left
+    assert chosen[("existence", "zh", "是")] == rejected[("existence", "zh", "是")] == 1
+    assert len({p["question_id"] for p in pairs}) == len(pairs)
 
 
 def test_generator_writes_questions_with_their_truth_for_the_preference_images(tmp_path):

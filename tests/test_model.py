@@ -11,7 +11,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerF
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from conversation import ChatSession
-from model import VLM, VLMConfig, downsample_grid, preset_configs, vlm_from_components, vlm_from_configs
+from model import (VLM, VLMConfig, downsample_grid, preset_configs, vlm_from_components, vlm_from_configs,
+                   vlm_from_preset)
 from processor import VLMProcessor
 
 QUESTION = "What colour is the square?"
@@ -168,6 +169,35 @@ def test_build_from_saved_component_folders(tmp_path, combo, qwen_tokenizer, toy
     assert torch.equal(a.logits, b.logits)
     assert model.chat(str(image), QUESTION, max_new_tokens=4, min_new_tokens=4) == \
         reloaded.chat(str(image), QUESTION, max_new_tokens=4, min_new_tokens=4)
+
+
+def test_the_projectors_input_norm_is_saved_with_the_model_and_chat_uses_it(toy_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = vlm_from_preset("tiny", toy_tokenizer, projector_input_norm="layernorm").eval()
+    with torch.no_grad():  # trained-looking values, not LayerNorm's identity start
+        model.projector.norm.weight.uniform_(0.2, 3.0)
+        model.projector.norm.bias.normal_()
+    image = tmp_path / "im.png"
+    draw_image(str(image), 1, size=40)
+    model.save_pretrained(tmp_path / "vlm")
+    reloaded = VLM.from_pretrained(str(tmp_path / "vlm")).eval()
+    assert reloaded.config.projector_input_norm == "layernorm"
+    assert torch.equal(reloaded.projector.norm.weight, model.projector.norm.weight)
+    assert torch.equal(reloaded.projector.norm.bias, model.projector.norm.bias)
+    answer = reloaded.chat(str(image), QUESTION, max_new_tokens=6, min_new_tokens=6)
+    assert answer == model.chat(str(image), QUESTION, max_new_tokens=6, min_new_tokens=6)
+    pixels = VLMProcessor.from_model(reloaded).pixel_values([Image.open(image).convert("RGB")])
+    with torch.no_grad():
+        features = reloaded.encode_images(pixels)
+        reloaded.projector.norm = torch.nn.Identity()  # what chat would compute without the saved norm
+        assert not torch.allclose(reloaded.encode_images(pixels), features)
+
+
+def test_a_model_without_the_input_norm_has_no_norm_weights(toy_tokenizer):
+    model = vlm_from_preset("tiny", toy_tokenizer)
+    assert not [key for key in model.state_dict() if key.startswith("projector.norm")]
+    with pytest.raises(ValueError, match="projector_input_norm 'batchnorm'"):
+        vlm_from_preset("tiny", toy_tokenizer, projector_input_norm="batchnorm")
 
 
 # ---------------------------------------------------------------- forward and loss

