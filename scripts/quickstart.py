@@ -14,14 +14,15 @@ Runs the project's own commands one after another, each printed before it runs, 
                                            answers become the rejected replies, the truth the chosen ones
     python dpo_train.py --model_path checkpoints/mini/sft ...
     python scripts/plot_curve.py ...       held-out exact match against wall-clock seconds, every stage
+    python scripts/sample_grid.py ...      a dozen held-out scenes: a question, each stage's answer, the truth
 
 Every stage evaluates itself on the held-out scenes during training (`--eval_data_path`, `--eval_steps`): stage 1
 how many of the scenes' objects its captions name, SFT and DPO exact match per question type and POPE metrics. The
 same scripts and flags serve the real recipe; only the model names and sizes differ. `--preset tiny` runs the
 from-scratch variant instead: a 1M-parameter VLM with a tokenizer learnt from the data, every module trained from
 stage 1 on (nothing is pretrained). The table goes to stdout and to <output_dir>/results.json, the curve to
-<output_dir>/curve.png. `bash scripts/quickstart.sh` installs what is missing first; this file assumes it is
-installed.
+<output_dir>/curve.png, the scenes to <output_dir>/samples.png. `bash scripts/quickstart.sh` installs what is
+missing first; this file assumes it is installed.
 """
 
 from __future__ import annotations
@@ -256,6 +257,8 @@ def main(argv=None):
     stages = {stage: summarise(stage_results(args, stage)) for stage in ("pretrain", "sft", "dpo")}
     run(["scripts/plot_curve.py", args.output_dir, "--title",
          f"main job, seed {args.seed}: held-out exact match over time"], seconds, "curve")
+    run(["scripts/sample_grid.py", args.output_dir, "--image_dir", os.path.join(args.data_dir, "images"),
+         "--title", f"main job, seed {args.seed}: held-out scenes, each stage's answer"], seconds, "samples")
 
     results = {"stages": stages, "seconds": seconds, "machine": describe_machine(args.device),
                "config": {k: v for k, v in vars(args).items() if k != "install_seconds"}}
@@ -265,6 +268,7 @@ def main(argv=None):
     print_table(stages, seconds)
     print(f"results: {os.path.join(args.output_dir, 'results.json')}")
     print(f"curve: {os.path.join(args.output_dir, 'curve.png')}")
+    print(f"samples: {os.path.join(args.output_dir, 'samples.png')}")
     return results
 
 

@@ -127,6 +127,21 @@ def test_plain_format_supervises_only_the_caption_and_its_end_token(qwen_tokeniz
     assert prompt["input_ids"].tolist() == [ids[:169].tolist()]
 
 
+def test_plain_format_starts_with_the_tokenizers_start_token_where_it_has_one(qwen_tokenizer):
+    """SmolLM2's and Llama's tokenizers name a start token (Qwen's does not): the plain prompt puts it before the
+    image tokens, in training and in generation alike, and it is never a label."""
+    import copy
+
+    tokenizer = copy.deepcopy(qwen_tokenizer)
+    tokenizer.bos_token = "<|endoftext|>"
+    processor = VLMProcessor(tokenizer, None, num_image_tokens=4, prompt_format="plain")
+    encoded = processor.encode_chat(CAPTION)
+    ids, labels = encoded["input_ids"].tolist(), encoded["labels"].tolist()
+    assert ids[:5] == [tokenizer.bos_token_id] + [QWEN_IMAGE_PAD] * 4 and labels[:5] == [IGNORE_INDEX] * 5
+    assert tokenizer.decode(ids[5:]) == "a red circle on the top left<|im_end|>"
+    assert processor.plain_prompt(1) == "<|endoftext|>" + "<|image_pad|>" * 4
+
+
 def test_plain_format_refuses_conversations(qwen_tokenizer):
     processor = VLMProcessor(qwen_tokenizer, None, num_image_tokens=4, prompt_format="plain")
     with pytest.raises(DataError, match="sample 3: the plain format .* 6 turns"):

@@ -13,6 +13,7 @@ from model import VLM
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import quickstart  # noqa: E402
+import sample_grid  # noqa: E402
 
 
 def read_losses(path):
@@ -36,11 +37,17 @@ def test_quickstart_pipeline_learns_and_writes_loadable_artefacts(tmp_path):
         assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3]), (stage, losses)
     row = results["stages"]["sft"]
     assert 0 <= row["exact_match"] <= 100 and {"em_colour", "em_count", "pope_f1", "yes_ratio"} <= set(row)
-    assert set(results["seconds"]) >= {"generate", "pretrain", "sft", "dpo", "stages", "curve"}
+    assert set(results["seconds"]) >= {"generate", "pretrain", "sft", "dpo", "stages", "curve", "samples"}
     # The held-out evaluations ran inside the stages: curve points in each log, and the curve drawn from them.
     sft_log = [json.loads(line) for line in open(os.path.join(out, "sft", "log.jsonl"))]
     assert [r["step"] for r in sft_log if "eval/exact_match" in r] == [8, 16, 24]  # 24 steps, 3 curve points
     assert os.path.getsize(os.path.join(out, "curve.png")) > 0
+    # The model shown: a grid of held-out scenes with each stage's answers, read from the stages' predictions.
+    shown = sample_grid.pick_samples(sample_grid.read_predictions(out), 12)
+    english = {r["image"] for r in map(json.loads, open(os.path.join(data, "eval.jsonl"))) if r["lang"] == "en"}
+    assert {s["image"] for s in shown} == english and len(shown) == len(english)  # one question per English scene
+    assert all(set(s["answers"]) == {"sft", "dpo"} and s["caption"] is not None for s in shown)
+    assert os.path.getsize(os.path.join(out, "samples.png")) > 0
     # Stage 1 trained and saved in the plain format; SFT switched to the chat template.
     assert VLM.config_class.from_pretrained(os.path.join(out, "pretrain")).prompt_format == "plain"
     assert VLM.config_class.from_pretrained(os.path.join(out, "sft")).prompt_format == "chat"
