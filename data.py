@@ -311,7 +311,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         sizes = [image_size(ref, self.image_dir, sample.where) for ref in sample.images]
         return sum(num_views(grid) for grid in self.processor.grids(sizes))
 
-    feature_cache = None  # set by training.attach_feature_cache: stage-1 tower outputs, one row per view
+    feature_cache = None  # set by feature_cache.attach_feature_cache: stage-1 tower outputs, one row per view
 
     def __getitem__(self, position: int) -> dict | None:
         """The encoded sample; None for one that cannot be used when skip_bad_samples is on (collate drops it)."""
@@ -324,10 +324,12 @@ class ConversationDataset(torch.utils.data.Dataset):
             item["vision_features"] = self.feature_cache.features(position)
             return item
         except DataError as error:
-            if not self.skip_bad_samples:
-                raise
-            print(f"skipping a bad sample: {error}", file=sys.stderr)
-            return None
+            if self.skip_bad_samples:
+                print(f"skipping a bad sample: {error}", file=sys.stderr)
+                return None
+            if torch.utils.data.get_worker_info() is not None:
+                return Problem(str(error))  # raised by the main process, which gets it as it was (raise_problem)
+            raise
 
     def check_all(self, check_structure_only: bool, positions=None, workers: int = 0,
                   progress: bool = False) -> list[dict]:
@@ -361,6 +363,23 @@ class ConversationDataset(torch.utils.data.Dataset):
         return {**result, "tokens": len(encoded["input_ids"]), "images": len(sample.images),
                 "supervised": int((encoded["labels"] != IGNORE_INDEX).sum()),
                 "replies": sum(m["role"] == "assistant" for m in sample.messages)}
+
+
+class PreferenceDataset(ConversationDataset):
+    """Preference pairs (parse_preference_record): each item is the chosen conversation plus the rejected reply's
+    tokens, and, once DPO has precomputed them, the reference model's log-probabilities of both."""
+
+    reference_logps = None  # (N, 2) chosen/rejected log-probs of the reference, once precomputed
+
+    def __init__(self, paths: list[str], processor: VLMProcessor, image_dir: str | None = None,
+                 skip_bad_samples: bool = False, validate: bool = True, scan: ScanPlan | None = None):
+        super().__init__(paths, processor, image_dir, skip_bad_samples, validate, parse_preference_record, scan)
+
+    def __getitem__(self, position: int) -> dict | None:
+        item = super().__getitem__(position)
+        if item is not None and self.reference_logps is not None:
+            item["reference_logps"] = self.reference_logps[position]
+        return item
 
 
 class _Checks(torch.utils.data.Dataset):
@@ -415,10 +434,32 @@ def _problem_report(problems: list[tuple[int, str]], total: int, shown: int = 10
 PAD_MULTIPLE = 32
 
 
+@dataclass
+class Problem:
+    """A sample that failed in a loader worker. An exception raised there would reach the main process rewritten
+    as the worker's traceback; as data, the batch carries it (the whole batch becomes it) and the main process raises
+    it with its own message."""
+
+    message: str
+
+
+def problem_in(samples: list) -> Problem | None:
+    return next((sample for sample in samples if isinstance(sample, Problem)), None)
+
+
+def raise_problem(batch):
+    """The batch, unless a sample of it failed in a loader worker: then that sample's DataError, raised here."""
+    if isinstance(batch, Problem):
+        raise DataError(batch.message)
+    return batch
+
+
 def collate(samples: list[dict | None], pad_token_id: int, pack_length: int | None = None) -> dict | None:
     """Right-pad a list of encoded samples; labels are -100 on padding, pixel_values of all images stacked.
     With pack_length, consecutive samples share rows of up to that many tokens instead (see pack). Skipped samples
     (None) leave the batch; a batch with none left is None, and the loop moves on to the next."""
+    if problem := problem_in(samples):
+        return problem
     samples = [s for s in samples if s is not None]  # samples skipped as unusable (--skip_bad_samples)
     if not samples:
         return None

@@ -55,7 +55,7 @@ def sequence_logps(model, batch: dict):
                    pixel_values=batch["pixel_values"], labels=labels, image_index=batch.get("image_index"))
     targets = labels[:, 1:]
     supervised = targets != -100
-    token_logps = -F.cross_entropy(output.logits, targets[supervised], reduction="none")
+    token_logps = -F.cross_entropy(output.supervised_logits, targets[supervised], reduction="none")
     # Back into (rows, positions), then a plain row sum: index_add would accumulate with CUDA atomics, whose order
     # (and so the last bits of the sums) changes from run to run, and a resumed run must recompute them exactly.
     per_position = torch.zeros(targets.shape, dtype=token_logps.dtype, device=labels.device)
@@ -68,8 +68,10 @@ def collate_pairs(samples: list[dict | None], pad_token_id: int) -> dict | None:
     pairs (None) leave the batch; with none left it is None."""
     import torch
 
-    from data import collate
+    from data import collate, problem_in
 
+    if problem := problem_in(samples):
+        return problem
     samples = [s for s in samples if s is not None]
     if not samples:
         return None
@@ -85,19 +87,9 @@ def collate_pairs(samples: list[dict | None], pad_token_id: int) -> dict | None:
 
 
 def build_preference_dataset(args, processor, validate: bool = True, scan=None):
-    from data import ConversationDataset, parse_preference_record
+    from data import PreferenceDataset
 
-    class PreferenceDataset(ConversationDataset):
-        reference_logps = None  # (N, 2) chosen/rejected log-probs of the reference, once precomputed
-
-        def __getitem__(self, position):
-            item = super().__getitem__(position)
-            if item is not None and self.reference_logps is not None:
-                item["reference_logps"] = self.reference_logps[position]
-            return item
-
-    return PreferenceDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate,
-                             parse=parse_preference_record, scan=scan)
+    return PreferenceDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate, scan=scan)
 
 
 class DPOObjective:
@@ -112,9 +104,11 @@ class DPOObjective:
     def prepare(self, model, dataset, runtime, collate_fn, autocast) -> None:
         """The reference: the starting model's log-probs precomputed for every pair, or the policy with its LoRA
         adapters switched off, or a frozen copy of the starting model."""
+        from lora import adapter_parameters
+
         if not self.precompute and model.config.lora:
             extra = sorted(set(n for n, p in model.named_parameters() if p.requires_grad)
-                           - set(model.adapter_parameters()))
+                           - set(adapter_parameters(model)))
             if extra:
                 raise ValueError(f"with LoRA the reference is the model without its adapters, so only adapters may "
                                  f"train, but {extra[:3]} ({len(extra)} tensors) train too: pass "
@@ -129,8 +123,8 @@ class DPOObjective:
         import torch
         from tqdm.auto import tqdm
 
-        from data import Positioned, collate_positioned
-        from training import all_reduce_sum
+        from data import Positioned, collate_positioned, raise_problem
+        from distributed import all_reduce_sum
 
         positions = list(range(runtime.rank, len(dataset), runtime.world_size))
         loader = torch.utils.data.DataLoader(Positioned(dataset, positions), batch_size=self.batch_size,
@@ -140,6 +134,7 @@ class DPOObjective:
         model.eval()
         with torch.no_grad(), autocast:
             for batch_positions, batch in tqdm(loader, desc="reference log-probs", disable=not runtime.is_main):
+                batch = raise_problem(batch)
                 if batch is None:  # every pair of it skipped as unusable
                     continue
                 batch = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -151,13 +146,15 @@ class DPOObjective:
     def reference_mode(self):
         """A frozen copy runs as it is; the LoRA policy runs without adapters and without dropout, then goes back
         to training exactly as it was."""
+        from lora import adapters_disabled
+
         if not self.reference.config.lora or self.reference.training is False:
             yield
             return
         modes = {module: module.training for module in self.reference.modules()}
         self.reference.eval()
         try:
-            with self.reference.adapters_disabled():
+            with adapters_disabled(self.reference):
                 yield
         finally:
             for module, mode in modes.items():
@@ -220,7 +217,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     return run_stage_from_args(args, build_dataset=build_preference_dataset, objective=DPOObjective(args),
-                        collate=collate_pairs)
+                               collate_fn=collate_pairs)
 
 
 if __name__ == "__main__":

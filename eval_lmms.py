@@ -131,7 +131,7 @@ class MaryVLM(lmms):
             labels[:, -len(reply):] = torch.tensor(reply)
             output = self.model(**on_device(self.model, {"input_ids": input_ids, "labels": labels,
                                                          "pixel_values": prompt["pixel_values"]}))
-            greedy = bool((output.logits.argmax(-1).cpu() == torch.tensor(reply)).all())
+            greedy = bool((output.supervised_logits.argmax(-1).cpu() == torch.tensor(reply)).all())
             results.append((-output.loss_sum.item(), greedy))
         return results
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,6 +34,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 import conversation
+from lora import add_adapters
 from processor import DEFAULT_SYSTEM_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, VLMProcessor, ensure_chat_tokens
 
 # Attention implementations that build a per-row mask from packed position ids (transformers' masking_utils);
@@ -145,13 +145,16 @@ class Projector(nn.Module):
 
 @dataclass
 class VLMOutput(ModelOutput):
-    """`loss` is the mean over supervised tokens; `loss_sum` and `num_tokens` let a training loop normalise over a
-    whole optimizer step instead. With labels, `logits` holds only the supervised positions, flattened."""
+    """Without labels: `logits`, (batch, time, vocab) for the positions `logits_to_keep` keeps. With labels: `loss`,
+    the mean over supervised tokens, `loss_sum` and `num_tokens` (so a training loop can normalise over a whole
+    optimizer step instead), and `supervised_logits`, (supervised tokens, vocab): the LM head runs only where a label
+    is, in row-major order, and `logits` stays None."""
 
     loss: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    supervised_logits: torch.Tensor | None = None
     cache: object | None = None
 
 
@@ -183,8 +186,8 @@ class VLM(PreTrainedModel, GenerationMixin):
         # Set by attach_processors / from_pretrained; chat() and the data pipeline need them.
         self.tokenizer = None
         self.image_processor = None
-        if config.lora:
-            self.add_lora(**config.lora)
+        if config.lora:  # a LoRA checkpoint: its adapters are rebuilt before its weights load into them
+            add_adapters(self, **config.lora)
         self.post_init()
 
     def _init_weights(self, module):
@@ -287,72 +290,7 @@ class VLM(PreTrainedModel, GenerationMixin):
         loss_sum = F.cross_entropy(logits, targets[supervised], reduction="sum")
         num_tokens = supervised.sum()
         return VLMOutput(loss=loss_sum / num_tokens.clamp(min=1), loss_sum=loss_sum, num_tokens=num_tokens,
-                         logits=logits, cache=outputs.cache)
-
-    # ---------------------------------------------------------------- LoRA
-    def add_lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05, towers=("llm",)) -> VLM:
-        """Inject LoRA adapters (peft) into every linear layer of the chosen towers' transformer blocks."""
-        from peft import LoraConfig, inject_adapter_in_model
-
-        targets = self.lora_targets(towers)
-        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets), self)
-        self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "towers": list(towers)}
-        return self
-
-    def lora_targets(self, towers) -> list[str]:
-        """Attention and MLP projections chosen by module type (nn.Linear, or GPT-2's Conv1D) inside the towers'
-        blocks, whatever a given LLM names them; never the embeddings, the LM head or the projector."""
-        from transformers.pytorch_utils import Conv1D
-
-        roots = {"llm": self.language_model.base_model, "vision": self.vision_model}
-        names = []
-        for tower in towers:
-            if tower not in roots:
-                raise ValueError(f"unknown LoRA tower {tower!r}: use 'llm' or 'vision'")
-            root = roots[tower]
-            root_name = next(n for n, m in self.named_modules() if m is root)
-            names += [f"{root_name}.{n}" for n, m in root.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
-        if not names:
-            raise ValueError(f"no linear layers found for LoRA in {list(towers)}")
-        return names
-
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The LoRA parameters, found by layer type rather than by name."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        found = {}
-        for module_name, module in self.named_modules():
-            if isinstance(module, BaseTunerLayer):
-                found.update({f"{module_name}.{n}": p for n, p in module.named_parameters()
-                              if not n.startswith("base_layer.")})
-        return found
-
-    @contextmanager
-    def adapters_disabled(self):
-        """Run the base model without its adapters (DPO's reference). Only the forward switch is flipped, not
-        requires_grad, so a graph built before stays intact."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in self.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in layers:
-            layer._disable_adapters = True
-        try:
-            yield self
-        finally:
-            for layer in layers:
-                layer._disable_adapters = False
-
-    def merge_lora(self) -> VLM:
-        """Fold every adapter into its base weight and drop the adapter layers: a plain VLM again."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for name, module in list(self.named_modules()):
-            if isinstance(module, BaseTunerLayer):
-                module.merge()
-                parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, module.get_base_layer())
-        self.config.lora = None
-        return self
+                         supervised_logits=logits, cache=outputs.cache)
 
     # ---------------------------------------------------------------- processors, save and load
     def attach_processors(self, tokenizer, image_processor) -> VLM:

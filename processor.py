@@ -64,7 +64,7 @@ def ensure_chat_tokens(tokenizer, image_token: str) -> int:
     return added
 
 
-def make_tokenizer(texts, vocab_size: int = 512, image_token: str = "<|image_pad|>"):
+def make_tokenizer(texts, vocab_size: int = 512, image_token: str = IMAGE_TOKEN):
     """A byte-level BPE tokenizer trained on `texts`, with Qwen's special tokens and chat template: what the
     offline presets use instead of downloading Qwen's."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -186,7 +186,7 @@ class VLMProcessor:
     tokenizer: object
     image_processor: object
     num_image_tokens: int
-    image_token: str = "<|image_pad|>"
+    image_token: str = IMAGE_TOKEN
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     max_length: int = 2048
     max_tiles: int = 1  # dynamic resolution: up to this many encoder-sized tiles per image, plus a global view

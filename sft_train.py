@@ -1,6 +1,6 @@
 """Stage 2: visual instruction tuning from a stage-1 checkpoint. Projector and LLM train, the vision tower is frozen.
 
-    python sft_train.py --model_path checkpoints/pretrain --data_path datasets/LLaVA-Instruct-150K/llava_v1_5_mix665k.json \
+    python sft_train.py --model_path checkpoints/pretrain --data_path datasets/LLaVA-Instruct-150K/llava_instruct_150k.json \
         --image_dir datasets/LLaVA-Instruct-150K/images --output_dir checkpoints/sft
 """
 

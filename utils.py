@@ -1,8 +1,9 @@
 """Shared entry points of the three stage scripts: their command-line flags and the stage runner.
 
-The code itself is split by concern: `data.py` (records, validation, chat-template tokenisation, collate) and
-`training.py` (the one training loop, distributed and checkpoint helpers). This module imports neither until a
-stage runs, so `--help` works without loading torch or transformers.
+The code itself is split by concern: `data.py` (records, validation, collate), `training.py` (the loop and the stage
+runner) and the modules it builds on (`model_setup.py`, `distributed.py`, `checkpoints.py`, `sampler.py`,
+`feature_cache.py`). This module imports none of them until a stage runs, so `--help` works without loading torch
+or transformers.
 """
 
 from __future__ import annotations
@@ -161,9 +162,5 @@ def run_stage_from_args(args, **stage):
 
     try:
         return run_stage(args, **stage)
-    except DataError as error:
-        message = str(error).strip()
-        if "Traceback" in message:  # raised in a loader worker: the worker's traceback wraps it, ours is its last line
-            message = message.splitlines()[-1].split("DataError: ", 1)[-1]
-        # The start-up scan's report is several lines (every bad sample, then what to do): all of it is ours.
-        raise SystemExit("error: " + message) from None
+    except DataError as error:  # the start-up scan's report is several lines (every bad sample, then what to do)
+        raise SystemExit(f"error: {str(error).strip()}") from None

@@ -24,6 +24,7 @@ GIB = 2**30
 def count_parameters():
     import torch
 
+    from lora import adapter_parameters, add_adapters
     from model import VLM, VLMConfig, preset_configs
 
     vision, text = preset_configs("real", vocab_size=151936)
@@ -32,8 +33,8 @@ def count_parameters():
         counts = {key: sum(p.numel() for p in getattr(model, name).parameters())
                   for key, name in (("vision", "vision_model"), ("projector", "projector"), ("llm", "language_model"))}
         embeddings = model.language_model.get_input_embeddings().weight.numel()
-        model.add_lora(r=64, alpha=128, dropout=0.0)
-        counts["lora"] = sum(p.numel() for p in model.adapter_parameters().values())
+        add_adapters(model, r=64, alpha=128, dropout=0.0)
+        counts["lora"] = sum(p.numel() for p in adapter_parameters(model).values())
     return counts, embeddings, text
 
 

@@ -88,11 +88,12 @@ def llava_baseline(preset: str, tokenizer, train_vision: bool):
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     from model import preset_configs
+    from processor import IMAGE_TOKEN
 
     vision, text = preset_configs(preset, vocab_size=len(tokenizer))
     grid = vision.image_size // vision.patch_size
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                         image_token_index=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          image_seq_length=grid * grid, vision_feature_select_strategy="full",
                          vision_feature_layer=-1, projector_hidden_act="gelu")
     model = LlavaForConditionalGeneration(config)
@@ -162,7 +163,7 @@ def run_trl(args, data: str, row: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from model import preset_image_processor
-    from processor import DEFAULT_SYSTEM_PROMPT
+    from processor import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
     torch.manual_seed(0)
@@ -170,7 +171,7 @@ def run_trl(args, data: str, row: str) -> dict:
     vision = model.config.vision_config
     processor = LlavaProcessor(image_processor=preset_image_processor(vision), tokenizer=tokenizer,
                                patch_size=vision.patch_size, vision_feature_select_strategy="full",
-                               image_token="<|image_pad|>", chat_template=llava_chat_template(DEFAULT_SYSTEM_PROMPT))
+                               image_token=IMAGE_TOKEN, chat_template=llava_chat_template(DEFAULT_SYSTEM_PROMPT))
     with open(os.path.join(data, "sft.json")) as f:
         records = json.load(f)[:args.steps * args.batch_size]
     roles = {"human": "user", "gpt": "assistant"}

@@ -16,13 +16,14 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True, help="where the merged checkpoint goes")
     args = parser.parse_args(argv)
 
+    from lora import adapter_parameters, merge_adapters
     from model import VLM
 
     model = VLM.from_pretrained(args.model_path)
     if not model.config.lora:
         raise SystemExit(f"{args.model_path} has no LoRA adapters: nothing to merge")
-    adapters = len(model.adapter_parameters())
-    model.merge_lora().save_pretrained(args.output_dir)
+    adapters = len(adapter_parameters(model))
+    merge_adapters(model).save_pretrained(args.output_dir)
     print(f"merged {adapters} adapter tensors of {args.model_path} into {args.output_dir}")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 1 of the real recipe on 4 GPUs: SigLIP-so400m + Qwen2.5-0.5B-Instruct, projector only, LLaVA-CC3M-Pretrain-595K.
-# Global batch 256 = 4 GPUs x 32 x 2 accumulation; lr 1e-3; one epoch. See README "The real recipe" for downloads.
+# Global batch 256 = 4 GPUs x 32 x 2 accumulation; lr 1e-3; one epoch. Downloads: docs/REFERENCE.md, "The real recipe: downloads".
 # Components are hub ids; point --vision_model / --llm_model at checkpoints/<folder> to use local copies.
 # Run it with bash (NPROC=4 bash scripts/pretrain.sh [flags]): it calls torchrun itself (scripts/_torchrun.sh,
 # which also reads NNODES, MASTER_ADDR and MASTER_PORT to span several machines).

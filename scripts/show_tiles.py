@@ -1,5 +1,5 @@
 """Draw how dynamic resolution (--max_tiles) cuts an image: the tiles the processor makes, labelled as the model reads
-them, and the global view beside them. The README's picture is made by
+them, and the global view beside them (default: tiling.png here). The README's picture is made by
 
     python scripts/show_tiles.py --output assets/tiling.png
 
@@ -63,7 +63,7 @@ def main(argv=None) -> str:
     parser.add_argument("image", nargs="?", default=None, help="an image file (default: a wide demo scene)")
     parser.add_argument("--max_tiles", type=int, default=6, help="as the model's --max_tiles")
     parser.add_argument("--tile_size", type=int, default=384, help="the vision tower's input side (SigLIP: 384)")
-    parser.add_argument("--output", default="assets/tiling.png", help="where the picture goes")
+    parser.add_argument("--output", default="tiling.png", help="where the picture goes")
     args = parser.parse_args(argv)
     image = Image.open(args.image).convert("RGB") if args.image else demo_image()
     grid = tile_grid(*image.size, args.max_tiles, args.tile_size)

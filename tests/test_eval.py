@@ -174,7 +174,8 @@ def test_onpolicy_pairs_only_where_the_model_was_wrong_with_the_truth_chosen():
 
 def test_balanced_pairs_choose_every_answer_as_often_as_they_reject_it():
     """A yes-biased model's mistakes are all "no is right" pairs; mirror pairs on questions whose truth is "yes"
-    (against "no") even the two answers out, within a type and language, and never pair a question twice."""
+    (against "no") even the two answers out, within a type and language, and never pair a question twice; what
+    they cannot even out is dropped."""
     def row(qid, answer, prediction, kind="existence", lang="en"):
         return {"id": qid, "image": f"{qid}.png", "question": f"q{qid}", "answer": answer, "prediction": prediction,
                 "type": kind, "lang": lang}
@@ -193,6 +194,12 @@ def test_balanced_pairs_choose_every_answer_as_often_as_they_reject_it():
     assert chosen[("existence", "en", "yes")] == 2 and rejected[("existence", "en", "yes")] == 3  # no 3rd yes left
     assert chosen[("existence", "zh", "是")] == rejected[("existence", "zh", "是")] == 1
     assert len({p["question_id"] for p in pairs}) == len(pairs)
+    # What mirrors could not even out (a third "yes"-rejected pair, no third yes-true question) is dropped.
+    balanced = onpolicy_pairs.drop_surplus(pairs)
+    chosen = Counter((p["type"], p["lang"], normalise(p["chosen"])) for p in balanced)
+    rejected = Counter((p["type"], p["lang"], normalise(p["rejected"])) for p in balanced)
+    assert chosen == rejected and len(balanced) == len(pairs) - 1
+    assert balanced == [p for p in pairs if p["question"] != "q1"]  # the first surplus pair, q1's, goes
 
 
 def test_generator_writes_questions_with_their_truth_for_the_preference_images(tmp_path):

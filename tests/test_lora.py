@@ -19,6 +19,7 @@ import dpo_train
 import pretrain_train
 import sft_train
 from dpo_train import DPOObjective, collate_pairs, sequence_logps
+from lora import adapter_parameters, adapter_targets, add_adapters, merge_adapters
 from model import VLM
 
 LORA = ["--lora", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0"]
@@ -73,7 +74,7 @@ def test_lora_train_resume_load_and_merge(tmp_path, start, stage, capsys):
     main(args_for(data, start, whole, "--max_steps", "6", "--save_steps", "3", "--save_total_limit", "2", *extra))
     printed = capsys.readouterr().out
     model = VLM.from_pretrained(str(whole))
-    adapters = sum(p.numel() for p in model.adapter_parameters().values())
+    adapters = sum(p.numel() for p in adapter_parameters(model).values())
     assert adapters == sum(4 * (m.in_features + m.out_features) for name, m in model.named_modules()
                            if name.endswith(".base_layer"))  # rank 4: r x (in + out) per adapted layer
     projector = sum(p.numel() for p in model.projector.parameters())
@@ -103,13 +104,13 @@ def test_dpo_reference_without_adapters_equals_a_frozen_copy(tmp_path, start):
     path, image_dir = pair_records(str(tmp_path / "data"), 4)
     args = dpo_train.parse_args(args_for((path, image_dir), start, tmp_path / "out"))
     model = VLM.from_pretrained(str(start))
-    model.add_lora(4, 8, 0.0)
-    from training import set_trainable
+    add_adapters(model, 4, 8, 0.0)
+    from model_setup import set_trainable
 
     set_trainable(model, vision=False, projector=args.train_projector, llm=True)
     assert args.train_projector is False  # LoRA DPO keeps the projector: the adapter-free model is the reference
     with torch.no_grad():
-        for p in model.adapter_parameters().values():
+        for p in adapter_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.05)
     objective = DPOObjective(args)
     from data import ConversationDataset, parse_preference_record
@@ -172,21 +173,21 @@ def test_qlora_checkpoint_reloads_and_merges_without_bitsandbytes_state(tmp_path
         # logits agree to ~1% of their range (0.6% and 1.0% measured), where wrong weights would miss entirely.
         difference = (trained.eval()(input_ids=ids.to(trained.device)).logits.float().cpu() - logits).abs().max()
         assert difference < 0.03 * logits.abs().max()
-        assert torch.allclose(reloaded.merge_lora()(input_ids=ids).logits, logits, atol=1e-5)
+        assert torch.allclose(merge_adapters(reloaded)(input_ids=ids).logits, logits, atol=1e-5)
 
 
 def test_lora_targets_are_found_by_module_type_in_each_tower(toy_tokenizer):
     from transformers.pytorch_utils import Conv1D
 
     model = tiny_vlm(toy_tokenizer)
-    targets = model.lora_targets(["llm", "vision"])
+    targets = adapter_targets(model, ["llm", "vision"])
     linear = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     assert set(targets) == {n for n in linear if n.startswith(("language_model.model.", "vision_model."))}
     assert not any(t.startswith("projector") or t.endswith("lm_head") for t in targets)
-    model.add_lora(4, 8, 0.0, towers=["llm", "vision"])
-    adapters = model.adapter_parameters()
+    add_adapters(model, 4, 8, 0.0, towers=["llm", "vision"])
+    adapters = adapter_parameters(model)
     assert any(n.startswith("vision_model.") for n in adapters) and any(n.startswith("language_model.") for n in adapters)
-    from training import set_trainable
+    from model_setup import set_trainable
 
     set_trainable(model, vision=True, projector=True, llm=True)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -198,9 +199,9 @@ def test_lora_targets_are_found_by_module_type_in_each_tower(toy_tokenizer):
 def test_dpo_from_a_lora_sft_checkpoint_starts_at_its_reference(tmp_path, toy_tokenizer, mode):
     """The reference is the SFT model, adapters included: at step 1 every pair ties (loss ln 2, rewards 0)."""
     sft = tmp_path / "sft_lora"
-    model = tiny_vlm(toy_tokenizer).add_lora(4, 8, 0.05)
+    model = add_adapters(tiny_vlm(toy_tokenizer), 4, 8, 0.05)
     with torch.no_grad():  # adapters that SFT trained: they change the log-probs
-        for p in model.adapter_parameters().values():
+        for p in adapter_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.2)
     model.save_pretrained(sft)
     path, image_dir = pair_records(str(tmp_path / "data"))

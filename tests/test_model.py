@@ -166,7 +166,7 @@ def test_build_from_saved_component_folders(tmp_path, combo, qwen_tokenizer, toy
         a = model(input_ids=batch["input_ids"][None], pixel_values=batch["pixel_values"], labels=batch["labels"][None])
         b = reloaded(input_ids=batch["input_ids"][None], pixel_values=batch["pixel_values"],
                      labels=batch["labels"][None])
-    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.supervised_logits, b.supervised_logits)
     assert model.chat(str(image), QUESTION, max_new_tokens=4, min_new_tokens=4) == \
         reloaded.chat(str(image), QUESTION, max_new_tokens=4, min_new_tokens=4)
 
@@ -232,7 +232,7 @@ def test_loss_on_supervised_positions_equals_full_logits_loss(model, image):
         full_logits = model.language_model(inputs_embeds=embeds).logits
     reference = F.cross_entropy(full_logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
     assert torch.allclose(out.loss, reference, atol=1e-6)
-    assert out.num_tokens == (batch["labels"] != -100).sum() and out.logits.shape[0] == out.num_tokens
+    assert out.num_tokens == (batch["labels"] != -100).sum() and out.supervised_logits.shape[0] == out.num_tokens and out.logits is None
 
 
 def test_image_features_land_on_the_placeholders(model, image):

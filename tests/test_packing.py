@@ -22,7 +22,7 @@ def setup(tmp_path, toy_tokenizer):
 
 def supervised_logits(model, batch):
     with torch.no_grad():
-        return model(**batch).logits
+        return model(**batch).supervised_logits
 
 
 def test_packed_rows_give_the_unpacked_logits_and_loss(setup):
@@ -34,10 +34,10 @@ def test_packed_rows_give_the_unpacked_logits_and_loss(setup):
     with torch.no_grad():
         a, b = model(**padded), model(**packed)
     assert a.num_tokens == b.num_tokens
-    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.loss_sum, b.loss_sum, rtol=1e-6)
+    assert torch.allclose(a.supervised_logits, b.supervised_logits, atol=1e-5) and torch.allclose(a.loss_sum, b.loss_sum, rtol=1e-6)
     rows = collate(samples, pad, pack_length=2 * max(len(s["input_ids"]) for s in samples))
     assert 1 < rows["input_ids"].shape[0] < 6
-    assert torch.allclose(supervised_logits(model, rows), a.logits, atol=1e-5)
+    assert torch.allclose(supervised_logits(model, rows), a.supervised_logits, atol=1e-5)
 
 
 def flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
@@ -113,7 +113,8 @@ def test_packing_carries_cached_vision_features(setup):
 
 # ---------------------------------------------------------------- --group_by_length
 def test_length_groups_keep_every_sample_once_sort_within_groups_and_resume(tmp_path, toy_tokenizer):
-    from training import ResumableSampler, Runtime
+    from distributed import Runtime
+    from sampler import ResumableSampler
 
     paths = [write_llava_json(str(tmp_path / f"t{t}"), 40, name="d.json", turns=t)[0] for t in range(1, 6)]
     processor = VLMProcessor.from_model(tiny_vlm(toy_tokenizer))

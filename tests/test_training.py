@@ -19,8 +19,9 @@ import pretrain_train
 import sft_train
 from data import collate, parse_record
 from model import VLM
-from processor import VLMProcessor, make_tokenizer
-from training import LanguageModelingObjective, list_checkpoints, run_stage
+from processor import DataError, VLMProcessor, make_tokenizer
+from checkpoints import list_checkpoints
+from training import LanguageModelingObjective, run_stage
 
 TIMEOUT = 300
 # Tests whose tolerances are fp32 CPU arithmetic's (a GPU's fp32 matmuls run in TF32), and the multi-process tests
@@ -291,7 +292,7 @@ def test_user_errors_end_in_one_line(tmp_path, data, monkeypatch):
 def test_more_ranks_than_gpus_is_one_line_not_a_cuda_error(monkeypatch):
     """torchrun --nproc_per_node 2 on a machine with one GPU: rank 1 would ask for cuda:1 ("invalid device ordinal",
     seen on a one-GPU machine); it stops first, naming the fix."""
-    from training import setup_runtime
+    from distributed import setup_runtime
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -304,7 +305,7 @@ def test_more_ranks_than_gpus_is_one_line_not_a_cuda_error(monkeypatch):
 
 
 def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
-    from training import build_optimizer, set_trainable
+    from model_setup import build_optimizer, set_trainable
 
     model = tiny_vlm(toy_tokenizer)
     set_trainable(model, vision=True, projector=True, llm=True)
@@ -330,7 +331,8 @@ class WorkerPids(torch.utils.data.Dataset):
 def test_loader_workers_live_across_epochs():
     """A worker forked again at each epoch shares the trained process copy-on-write: on CPU the run's memory doubled
     from epoch 2 on (9 -> 16.5 GB for SmolLM2-135M), and the step waiting for the fork stalled."""
-    from training import BatchStream, ResumableSampler, Runtime, build_loader
+    from distributed import Runtime
+    from sampler import BatchStream, ResumableSampler, build_loader
 
     dataset = WorkerPids()
     sampler = ResumableSampler(dataset, Runtime(), seed=0)
@@ -426,6 +428,22 @@ def test_an_over_long_sample_found_mid_run(tmp_path, data, skip, capsys):
     else:
         with pytest.raises(SystemExit, match=r"sample 9 \(id=s9\): \d+ tokens .* exceed max_length 400"):
             sft_train.main(args)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_found_in_a_loader_worker_is_raised_as_it_was(tmp_path, workers):
+    """An image that exists but does not decode fails only when its batch is built, in a loader worker: the main
+    process raises the sample's own DataError (file, sample, image), never the worker's traceback as text."""
+    path, image_dir = write_llava_json(str(tmp_path / "data"), 4)
+    with open(os.path.join(image_dir, "2.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    args = sft_train.stage_parser("t").parse_args(common_args(
+        (path, image_dir), tmp_path / "out", "--preset", "tiny", "--max_steps", "2", "--batch_size", "4",
+        "--num_workers", str(workers)))
+    with pytest.raises(DataError) as error:
+        run_stage(args)
+    assert str(error.value).startswith(f"{path}: sample 2 (id=s2): cannot decode image 2.png"), str(error.value)
+    assert "Traceback" not in str(error.value)
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])
@@ -719,7 +737,7 @@ def test_a_bad_eval_file_stops_before_step_1_in_one_line_naming_it(tmp_path, dat
 
 
 def test_warmup_stable_decay_holds_the_peak_then_decays(toy_tokenizer):
-    from training import build_scheduler
+    from model_setup import build_scheduler
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     args = argparse.Namespace(warmup_steps=2, warmup_ratio=0.0, lr_scheduler_type="warmup_stable_decay",
