@@ -78,6 +78,23 @@ def compute_metrics(records: list[dict]) -> dict:
     return metrics
 
 
+def one_question_per_scene(rows: list[dict], count: int) -> list[dict]:
+    """Up to `count` rows on distinct images, the question types taking turns (in name order; each type's rows in
+    order): a few scenes that show every kind of question."""
+    queues: dict[str, list[dict]] = {}
+    for row in rows:
+        queues.setdefault(row.get("type") or "", []).append(row)
+    picked, scenes = [], set()
+    while len(picked) < count and any(queues.values()):
+        for queue in (queues[kind] for kind in sorted(queues)):
+            while queue and queue[0]["image"] in scenes:
+                queue.pop(0)
+            if queue and len(picked) < count:
+                picked.append(queue.pop(0))
+                scenes.add(picked[-1]["image"])
+    return picked
+
+
 def read_questions(path: str) -> list[dict]:
     """{"id", "image", "question", "answer", "type"} from JSONL questions, LLaVA-format records, or parquet files
     that carry their images (a file, or a folder of shards as `hf download` leaves POPE and MME)."""

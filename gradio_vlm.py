@@ -20,6 +20,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MAIN_JOB_CHECKPOINTS = ["checkpoints/dpo", "checkpoints/sft", "checkpoints/mini/dpo", "checkpoints/mini/sft",
                         "checkpoints/tiny/dpo", "checkpoints/tiny/sft"]
 EXAMPLES = os.path.join(ROOT, "assets", "examples")
+# The main job's held-out questions (scripts/quickstart.py's data), offered as examples for the model it trained.
+MAIN_JOB_OUTPUTS = ["checkpoints/mini", "checkpoints/tiny"]
+MAIN_JOB_QUESTIONS = os.path.join(ROOT, "datasets", "shapes", "eval.jsonl")
 MAX_PIXELS = 40_000_000  # bigger uploads are refused with a message: decoding them could exhaust memory
 
 
@@ -64,6 +67,31 @@ def open_upload(path: str):
         raise ValueError(str(error)) from None
 
 
+def example_questions(model_path: str, questions_file: str = MAIN_JOB_QUESTIONS, count: int = 4,
+                      main_job_outputs=None) -> list[tuple[str, str]]:
+    """(image, question) pairs to click. For a model the main job trained (a folder under its outputs) whose held-out
+    scenes are on disk: `count` of them, one English question each, the question types in turn. Otherwise the
+    shipped shape pictures with three questions."""
+    import json
+
+    from eval_vlm import one_question_per_scene
+
+    outputs = [os.path.join(ROOT, folder) for folder in (main_job_outputs or MAIN_JOB_OUTPUTS)]
+    model_path = os.path.abspath(model_path)
+    if os.path.isfile(questions_file) and any(model_path.startswith(folder + os.sep) for folder in outputs):
+        image_dir = os.path.join(os.path.dirname(questions_file), "images")
+        with open(questions_file, encoding="utf-8") as f:
+            rows = [row for row in map(json.loads, filter(str.strip, f))
+                    if row.get("lang", "en") == "en" and os.path.isfile(os.path.join(image_dir, row["image"]))]
+        picked = [(os.path.join(image_dir, row["image"]), row["question"])
+                  for row in one_question_per_scene(rows, count)]
+        if picked:
+            return picked
+    shipped = sorted(os.listdir(EXAMPLES)) if os.path.isdir(EXAMPLES) else []
+    return [(os.path.join(EXAMPLES, name), question) for name, question in zip(
+        shipped, ["How many shapes are there?", "What colour is the circle?", "Is there a red square?"])]
+
+
 def generation_settings(max_new_tokens, do_sample, temperature, top_p) -> dict:
     settings = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample)}
     if do_sample:
@@ -71,7 +99,7 @@ def generation_settings(max_new_tokens, do_sample, temperature, top_p) -> dict:
     return settings
 
 
-def build_demo(model):
+def build_demo(model, examples: list[tuple[str, str]] | None = None):
     import gradio as gr
 
     from conversation import ChatSession
@@ -113,7 +141,7 @@ def build_demo(model):
             history[-1]["content"] = "(empty answer)"
         yield history, session, history, None
 
-    examples = sorted(os.path.join(EXAMPLES, f) for f in os.listdir(EXAMPLES)) if os.path.isdir(EXAMPLES) else []
+    examples = example_questions(model.name_or_path) if examples is None else examples
     with gr.Blocks(title="Mary-MLLM") as demo:
         gr.Markdown("## Mary-MLLM\nAttach an image and ask about it; follow-up questions keep the image. "
                     "A new image starts a new conversation.")
@@ -132,9 +160,8 @@ def build_demo(model):
                     temperature = gr.Slider(0.05, 2.0, value=0.7, step=0.05, label="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="top-p")
         if examples:
-            gr.Examples([[{"text": q, "files": [path]}] for path, q in zip(
-                examples, ["How many shapes are there?", "What colour is the circle?", "Is there a red square?"])],
-                inputs=[box], label="examples")
+            gr.Examples([[{"text": question, "files": [path]}] for path, question in examples], inputs=[box],
+                        label="examples: click one, then send it")
         box.submit(respond, [box, session, shown, system_prompt, max_new_tokens, do_sample, temperature, top_p],
                    [chatbot, session, shown, box], api_name="chat")
         clear.click(lambda: ([], None, [], None), None, [chatbot, session, shown, box], api_name="clear")

@@ -43,7 +43,10 @@ def describe_precision(name: str, device: torch.device, how: str = "autocast") -
     dtype = resolve_dtype(name, device)
     label = {torch.float32: "fp32", torch.bfloat16: f"bf16 {how}", torch.float16: f"fp16 {how}"}[dtype]
     if name == "auto" and device.type == "cpu":
-        return f"{label} (--dtype auto: bf16 matmuls run {cpu_bf16_speedup():.1f}x fp32 on this CPU)"
+        speedup = cpu_bf16_speedup()
+        if not speedup:
+            return f"{label} (--dtype auto: this CPU has no bf16 instructions)"
+        return f"{label} (--dtype auto: bf16 matmuls run {speedup:.1f}x fp32 on this CPU)"
     return f"{label} (--dtype {name})"
 
 

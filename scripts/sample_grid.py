@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval_vlm import normalise  # noqa: E402
+from eval_vlm import normalise, one_question_per_scene  # noqa: E402
 
 STAGES = ("pretrain", "sft", "dpo")
 
@@ -45,22 +45,12 @@ def pick_samples(found: dict[str, dict[str, dict]], count: int, lang: str = "en"
         row.get("type") != "caption" for row in found[stage].values())][-1]
     captions = {row["image"]: row["prediction"] for row in found.get("pretrain", {}).values()
                 if row.get("type") == "caption"}
-    by_type: dict[str, list[dict]] = {}
-    for row in found[last].values():
-        if row.get("lang", lang) == lang and row.get("type") != "caption":
-            by_type.setdefault(row["type"], []).append(row)
-    picked, scenes = [], set()
-    while len(picked) < count and any(by_type.values()):
-        for kind in sorted(by_type):
-            while by_type[kind] and by_type[kind][0]["image"] in scenes:
-                by_type[kind].pop(0)
-            if by_type[kind] and len(picked) < count:
-                row = by_type[kind].pop(0)
-                scenes.add(row["image"])
-                answers = {stage: found[stage][row["id"]]["prediction"] for stage in STAGES
-                           if row["id"] in found.get(stage, {})}
-                picked.append({"image": row["image"], "type": kind, "question": row["question"],
-                               "truth": row["answer"], "answers": answers, "caption": captions.get(row["image"])})
+    rows = [row for row in found[last].values() if row.get("lang", lang) == lang and row.get("type") != "caption"]
+    picked = []
+    for row in one_question_per_scene(rows, count):
+        answers = {stage: found[stage][row["id"]]["prediction"] for stage in STAGES if row["id"] in found.get(stage, {})}
+        picked.append({"image": row["image"], "type": row["type"], "question": row["question"], "truth": row["answer"],
+                       "answers": answers, "caption": captions.get(row["image"])})
     return picked
 
 

@@ -47,7 +47,7 @@ def readme_commands() -> list[str]:
     """The README's shell lines, continuation lines joined, comments dropped."""
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     lines = []
-    for block in re.findall(r"```(?:bash|sh|shell)?\n(.*?)```", text, re.S):
+    for block in re.findall(r"```(?:bash|sh|shell)\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+#.*$", "", line).strip()
             if line and not line.startswith("#"):

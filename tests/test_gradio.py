@@ -165,3 +165,27 @@ def test_without_a_checkpoint_it_names_the_command_that_makes_one(tmp_path):
             gradio_vlm.resolve_model_path(None)
     finally:
         gradio_vlm.MAIN_JOB_CHECKPOINTS = original
+
+
+def test_the_main_jobs_model_is_offered_its_held_out_scenes_as_examples(tmp_path):
+    """A model the main job trained gets held-out scenes to click, one English question each, the types in turn;
+    any other model gets the shipped pictures."""
+    import json
+
+    import gradio_vlm
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i in range(6):
+        draw_image(str(tmp_path / "images" / f"{i}.png"), i)
+        for kind in ("colour", "count"):
+            rows.append({"image": f"{i}.png", "question": f"{kind} {i}?", "answer": "x", "type": kind,
+                         "lang": "zh" if i == 0 else "en"})
+    questions = tmp_path / "eval.jsonl"
+    questions.write_text("\n".join(map(json.dumps, rows)))
+    outputs = [str(tmp_path / "mini")]
+    picked = gradio_vlm.example_questions(str(tmp_path / "mini" / "dpo"), str(questions), 4, outputs)
+    assert picked == [(str(tmp_path / "images" / f"{i}.png"), q) for i, q in
+                      [(1, "colour 1?"), (2, "count 2?"), (3, "colour 3?"), (4, "count 4?")]]
+    shipped = gradio_vlm.example_questions(str(tmp_path / "elsewhere"), str(questions), 4, outputs)
+    assert shipped and all(path.startswith(gradio_vlm.EXAMPLES) for path, _ in shipped)
