@@ -72,17 +72,14 @@ def example_questions(model_path: str, questions_file: str = MAIN_JOB_QUESTIONS,
     """(image, question) pairs to click. For a model the main job trained (a folder under its outputs) whose held-out
     scenes are on disk: `count` of them, one English question each, the question types in turn. Otherwise the
     shipped shape pictures with three questions."""
-    import json
-
-    from eval_vlm import one_question_per_scene
+    from eval_vlm import one_question_per_scene, read_questions
 
     outputs = [os.path.join(ROOT, folder) for folder in (main_job_outputs or MAIN_JOB_OUTPUTS)]
     model_path = os.path.abspath(model_path)
     if os.path.isfile(questions_file) and any(model_path.startswith(folder + os.sep) for folder in outputs):
         image_dir = os.path.join(os.path.dirname(questions_file), "images")
-        with open(questions_file, encoding="utf-8") as f:
-            rows = [row for row in map(json.loads, filter(str.strip, f))
-                    if row.get("lang", "en") == "en" and os.path.isfile(os.path.join(image_dir, row["image"]))]
+        rows = [row for row in read_questions(questions_file)
+                if row.get("lang", "en") == "en" and os.path.isfile(os.path.join(image_dir, row["image"]))]
         picked = [(os.path.join(image_dir, row["image"]), row["question"])
                   for row in one_question_per_scene(rows, count)]
         if picked:

@@ -45,19 +45,31 @@ def pairs_from_answers(answered: list[dict]) -> list[dict]:
     return pairs
 
 
+def answer_key(row: dict, reply: str) -> tuple:
+    """A reply as balancing counts it: within its question type and language, after eval_vlm's normalisation."""
+    return row.get("type"), row.get("lang"), normalise(reply)
+
+
+def answer_balance(pairs: list[dict]) -> Counter:
+    """answer_key -> times chosen minus times rejected."""
+    net = Counter()
+    for pair in pairs:
+        net[answer_key(pair, pair["chosen"])] += 1
+        net[answer_key(pair, pair["rejected"])] -= 1
+    return net
+
+
 def balance_answers(pairs: list[dict], answered: list[dict]) -> list[dict]:
     """Add mirror pairs until, within each (type, language), every answer is chosen as often as it is rejected (or
     no unpaired question is left whose truth is the answer short of being chosen)."""
-    net, written = Counter(), {}  # (type, lang, answer) -> times chosen minus times rejected; its first spelling
+    net, written = answer_balance(pairs), {}  # written: each answer's first spelling
     for pair in pairs:
-        group = (pair.get("type"), pair.get("lang"))
-        for reply, sign in ((pair["chosen"], 1), (pair["rejected"], -1)):
-            net[group + (normalise(reply),)] += sign
-            written.setdefault(group + (normalise(reply),), reply)
+        for reply in (pair["chosen"], pair["rejected"]):
+            written.setdefault(answer_key(pair, reply), reply)
     paired = {pair["question_id"] for pair in pairs}
-    unpaired = defaultdict(list)  # (type, lang, truth) -> questions not in any pair yet, in the order answered
+    unpaired = defaultdict(list)  # answer_key of the truth -> questions not in any pair yet, in the order answered
     for row in {row["id"]: row for row in answered if row["id"] not in paired}.values():
-        unpaired[(row.get("type"), row.get("lang"), normalise(row["answer"]))].append(row)
+        unpaired[answer_key(row, row["answer"])].append(row)
     mirrors = []
     for short in sorted(key for key, value in net.items() if value < 0):
         for row in unpaired[short]:
@@ -76,15 +88,9 @@ def drop_surplus(pairs: list[dict]) -> list[dict]:
     often than chosen, within its (type, language), until no such pair is left: a draw from balanced pairs is
     balanced again. (DPO on a model that cannot yet tell the answers apart from the image moves its prior by about
     logit(share) / beta: 56 "no"-chosen pairs in 100 at beta 0.1 make a model that says "no" to almost everything.)"""
-    net = Counter()
+    net, kept = answer_balance(pairs), []
     for pair in pairs:
-        group = (pair.get("type"), pair.get("lang"))
-        net[group + (normalise(pair["chosen"]),)] += 1
-        net[group + (normalise(pair["rejected"]),)] -= 1
-    kept = []
-    for pair in pairs:
-        group = (pair.get("type"), pair.get("lang"))
-        chosen, rejected = group + (normalise(pair["chosen"]),), group + (normalise(pair["rejected"]),)
+        chosen, rejected = answer_key(pair, pair["chosen"]), answer_key(pair, pair["rejected"])
         if net[chosen] > 0 and net[rejected] < 0:
             net[chosen] -= 1
             net[rejected] += 1

@@ -48,9 +48,10 @@ def pick_samples(found: dict[str, dict[str, dict]], count: int, lang: str = "en"
     rows = [row for row in found[last].values() if row.get("lang", lang) == lang and row.get("type") != "caption"]
     picked = []
     for row in one_question_per_scene(rows, count):
-        answers = {stage: found[stage][row["id"]]["prediction"] for stage in STAGES if row["id"] in found.get(stage, {})}
-        picked.append({"image": row["image"], "type": row["type"], "question": row["question"], "truth": row["answer"],
-                       "answers": answers, "caption": captions.get(row["image"])})
+        answers = {stage: found[stage][row["id"]]["prediction"] for stage in STAGES
+                   if row["id"] in found.get(stage, {})}
+        picked.append({"image": row["image"], "type": row["type"], "question": row["question"],
+                       "truth": row["answer"], "answers": answers, "caption": captions.get(row["image"])})
     return picked
 
 
@@ -66,8 +67,9 @@ def caption_lines(sample: dict, width: int = 34) -> list[tuple[str, str]]:
     lines.append((f"truth: {sample['truth']}", "black"))
     if sample["caption"] is not None:
         wrapped = textwrap.wrap(f"stage 1 caption: {sample['caption']}", width)
-        lines += [(line, "#555555") for line in wrapped[:1] + [wrapped[1] + (" …" if wrapped[2:] else "")]
-                  ] if len(wrapped) > 1 else [(wrapped[0], "#555555")]
+        if len(wrapped) > 2:  # two lines at most, the cut marked
+            wrapped = [wrapped[0], wrapped[1] + " …"]
+        lines += [(line, "#555555") for line in wrapped]
     return lines
 
 
