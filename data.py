@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from processor import (IGNORE_INDEX, IMAGE_PLACEHOLDER, DataError, VLMProcessor, image_size, image_source,
-                       num_views)
+                       num_views, pad_rows)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_COLUMNS = ("image", "images", "image_bytes")
@@ -466,13 +466,9 @@ def collate(samples: list[dict | None], pad_token_id: int, pack_length: int | No
     if pack_length:
         return pack(samples, pad_token_id, pack_length)
     width = -(-max(len(s["input_ids"]) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
-    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **stack_images(samples)}
+    return {"input_ids": pad_rows([s["input_ids"] for s in samples], pad_token_id, width),
+            "attention_mask": pad_rows([[1] * len(s["input_ids"]) for s in samples], 0, width),
+            "labels": pad_rows([s["labels"] for s in samples], IGNORE_INDEX, width), **stack_images(samples)}
 
 
 def stack_images(samples: list[dict]) -> dict:
@@ -498,21 +494,13 @@ def pack(samples: list[dict], pad_token_id: int, pack_length: int) -> dict:
         row.append(sample)
         used += len(sample["input_ids"])
     rows.append(row)
-    width = max(sum(len(s["input_ids"]) for s in row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for sample in row:
-            n = len(sample["input_ids"])
-            input_ids[r, start:start + n], labels[r, start:start + n] = sample["input_ids"], sample["labels"]
-            labels[r, start] = IGNORE_INDEX  # the previous sample's last token must not learn to predict this one
-            attention_mask[r, start:start + n] = 1
-            position_ids[r, start:start + n] = torch.arange(n)
-            start += n
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "position_ids": position_ids,
+    ids = [torch.cat([torch.as_tensor(s["input_ids"]) for s in row]) for row in rows]
+    # Each sample's first label is dropped: the previous sample's last token must not learn to predict it.
+    labels = [torch.cat([torch.cat([torch.tensor([IGNORE_INDEX]), torch.as_tensor(s["labels"])[1:]]) for s in row])
+              for row in rows]
+    positions = [torch.cat([torch.arange(len(s["input_ids"])) for s in row]) for row in rows]
+    return {"input_ids": pad_rows(ids, pad_token_id), "attention_mask": pad_rows([[1] * len(r) for r in ids], 0),
+            "labels": pad_rows(labels, IGNORE_INDEX), "position_ids": pad_rows(positions, 0),
             **stack_images(samples)}
 
 

@@ -179,6 +179,20 @@ def cut_tiles(image: Image.Image, grid: tuple[int, int], tile: int) -> list[Imag
 
 
 # ==================================================================== chat template -> tokens and labels
+def pad_rows(rows: list, value: int, width: int | None = None, left: bool = False) -> torch.Tensor:
+    """Token rows of different lengths as one (rows, width) long tensor, filled with `value` on the right (training
+    batches) or on the left (generation prompts, so every row's next token comes last); width: the longest row's."""
+    width = width or max(len(row) for row in rows)
+    padded = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        row = torch.as_tensor(row, dtype=torch.long)
+        if left:
+            padded[i, width - len(row):] = row
+        else:
+            padded[i, :len(row)] = row
+    return padded
+
+
 @dataclass
 class VLMProcessor:
     """Tokenizer + image processor + the model's image geometry: everything that turns a conversation into inputs."""
@@ -424,11 +438,6 @@ class VLMProcessor:
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             if image is not None:
                 pixel_images.append(image)
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            attention_mask[i, width - len(row):] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
+        return {"input_ids": pad_rows(rows, self.pad_token_id, left=True),
+                "attention_mask": pad_rows([[1] * len(row) for row in rows], 0, left=True),
                 "pixel_values": self.pixel_values(pixel_images)}
