@@ -36,10 +36,9 @@ from lmms_eval import utils as lmms_utils
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conversation import on_device  # noqa: E402
-from processor import IGNORE_INDEX  # noqa: E402
-from inference import load_for_inference  # noqa: E402
+from conversation import on_device
+from processor import IGNORE_INDEX
+from inference import load_for_inference
 
 MODEL_NAME = "mary_vlm"
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import string
-import sys
 from collections import defaultdict
 
 YES, NO = {"yes", "是", "有"}, {"no", "否", "不是", "没有"}
@@ -244,7 +243,6 @@ def main(argv=None):
                              "measures clearly faster than fp32")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     if args.predictions:
         with open(args.predictions, encoding="utf-8") as f:
             results = [json.loads(line) for line in f if line.strip()]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # The real recipe's checkpoints (scripts/*.sh), then the main job's (pretrained parts, then --preset tiny).
@@ -220,7 +219,6 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=128, help="longest answer in the terminal chat")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, ROOT)
     model = load_model(args)
     if args.cli is not None:
         run_cli(model, args.cli or None, {"max_new_tokens": args.max_new_tokens})

@@ -17,14 +17,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_model(args, workdir: str):
@@ -42,7 +36,7 @@ def build_model(args, workdir: str):
 
             tokenizer_path = qwen_tokenizer_folder(workdir)
         else:
-            import make_shapes
+            from scripts import make_shapes
 
             tokenizer_path = make_shapes.write_tokenizer(workdir, 1024)
         torch.manual_seed(0)

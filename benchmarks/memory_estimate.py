@@ -14,10 +14,7 @@ adapters included), the rest is arithmetic:
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 2**30
 
 

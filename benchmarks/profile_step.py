@@ -9,12 +9,7 @@ Uses torch.profiler over --steps steps after one warm-up step; the vision tower 
 
 import argparse
 import os
-import sys
 import tempfile
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def our_model(args, tokenizer):
@@ -90,7 +85,7 @@ def main():
     import torch
     from transformers import AutoTokenizer
 
-    from train_throughput import llava_baseline, make_data
+    from benchmarks.train_throughput import llava_baseline, make_data
 
     with tempfile.TemporaryDirectory() as workdir:
         data = make_data(workdir, args.batch_size)

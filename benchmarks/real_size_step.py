@@ -11,12 +11,8 @@ import importlib.util
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def qwen_tokenizer_folder(workdir: str) -> str:

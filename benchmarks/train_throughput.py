@@ -32,9 +32,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 # Dense bf16 peak TFLOP/s by device-name fragment (no sparsity).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0, "A10G": 125.0,
@@ -46,7 +43,7 @@ ROWS = {"sft-ours": "SFT, ours", "sft-grouped": "SFT, ours, --group_by_length",
 
 
 def make_data(workdir: str, samples: int) -> str:
-    import make_shapes
+    from scripts import make_shapes
 
     make_shapes.write_split("sft", workdir, samples, seed=0, image_size=64)
     make_shapes.write_split("pretrain", workdir, samples, seed=0, image_size=64)

@@ -28,11 +28,9 @@ import argparse
 import json
 import os
 import random
-import sys
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 190, 20),
            "purple": (140, 60, 180)}

@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import sys
 from collections import Counter, defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval_vlm import HeldOutQuestions, image_name, normalise  # noqa: E402
+from eval_vlm import HeldOutQuestions, image_name, normalise
 
 
 def pairs_from_answers(answered: list[dict]) -> list[dict]:

@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s.%N)
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -r requirements.txt
+python -m pip install -q -e .  # requirements.txt, and the project importable from scripts/
 install_seconds=$(python -c "import time; print(round(time.time() - $started, 1))")
 exec python scripts/quickstart.py --install_seconds "$install_seconds" "$@"

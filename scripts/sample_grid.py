@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval_vlm import normalise, one_question_per_scene  # noqa: E402
+from eval_vlm import normalise, one_question_per_scene
 
 STAGES = ("pretrain", "sft", "dpo")
 

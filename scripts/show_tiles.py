@@ -9,13 +9,10 @@ With no image given it draws a wide scene of small shapes (what a single squeeze
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from processor import cut_tiles, num_views, tile_grid  # noqa: E402
+from processor import cut_tiles, num_views, tile_grid
 
 GAP = 12
 

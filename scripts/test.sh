@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -r requirements-dev.txt
+python -m pip install -q --no-deps -e .  # the project importable from scripts/, benchmarks/ and tests/
 # lmms-eval without its ~50 dependencies (requirements-lmms.txt says why), for the benchmark adapter's tests.
 python -m pip install -q --no-deps "lmms-eval==0.7.3"
 python -m pip install -q -r requirements-lmms.txt

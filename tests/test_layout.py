@@ -38,3 +38,18 @@ def test_no_module_imports_a_module_that_imports_it_back():
 def test_what_serves_a_trained_model_never_imports_the_training_code():
     for module in ("inference", "eval_vlm", "gradio_vlm", "eval_lmms", "conversation", "model"):
         assert not reachable(module) & TRAINING_CODE, (module, reachable(module) & TRAINING_CODE)
+
+
+def test_the_installed_project_lists_every_module_and_nothing_edits_sys_path():
+    """`pip install -e .` makes exactly pyproject.toml's modules importable: one left out would import from the
+    repository root only. And with the project installed, no file needs to put a folder on sys.path."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["py-modules"])
+    assert listed == MODULES, (sorted(MODULES - listed), sorted(listed - MODULES))
+    edits = [os.path.relpath(os.path.join(folder, name), ROOT)
+             for folder, _, names in os.walk(ROOT) if "/." not in folder
+             for name in names if name.endswith(".py")
+             and "sys.path.insert" in open(os.path.join(folder, name), encoding="utf-8").read()]
+    assert edits == ["tests/test_layout.py"], edits  # this file, which names it

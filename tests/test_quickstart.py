@@ -10,10 +10,7 @@ import torch
 from conftest import ROOT
 
 from model import VLM
-
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import quickstart  # noqa: E402
-import sample_grid  # noqa: E402
+from scripts import quickstart, sample_grid
 
 
 def read_losses(path):

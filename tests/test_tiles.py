@@ -191,13 +191,7 @@ def test_stage_1_with_tiles_caches_one_row_per_view_and_saves_the_setting(tmp_pa
 
 
 def test_the_readme_picture_script_draws_the_processors_cut(tmp_path):
-    import os
-    import sys
-
-    from conftest import ROOT
-
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import show_tiles
+    from scripts import show_tiles
 
     path = show_tiles.main(["--output", str(tmp_path / "tiles.png")])
     rows, cols = tile_grid(1152, 768, 6, 384)
