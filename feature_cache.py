@@ -96,21 +96,52 @@ def write_feature_cache(model: VLM, dataset, path: str, positions: range, offset
     """Encode the images of dataset[positions] into their rows of the (preallocated) cache file; returns the
     positions whose images could not be used (skipped samples: their rows stay empty and they never train)."""
     array = np.load(path, mmap_mode="r+")
+    encoded = []
+    for batch_positions, features in encoded_images(model, dataset, positions, runtime, batch_size, num_workers,
+                                                    autocast, "caching vision features"):
+        encoded += batch_positions
+        if features is not None:
+            rows = [row for position in batch_positions for row in range(offsets[position], offsets[position + 1])]
+            array[rows] = features.to(torch.float16).numpy()
+    array.flush()
+    del array
+    return sorted(set(positions) - set(encoded))
+
+
+def encoded_images(model: VLM, dataset, positions: range, runtime: Runtime, batch_size: int, num_workers: int,
+                   autocast, description: str):
+    """(positions, downsampled tower features on the CPU) for each batch of dataset[positions]; features is None
+    for a batch without images."""
     loader = torch.utils.data.DataLoader(Positioned(dataset, positions), batch_size=batch_size,
                                          num_workers=num_workers, generator=torch.Generator(),
                                          collate_fn=partial(collate_positioned,
                                                             collate_fn=partial(collate, pad_token_id=0)))
     model.to(runtime.device).eval()
-    encoded = []
     with torch.no_grad(), autocast:
-        for batch_positions, batch in tqdm(loader, desc="caching vision features", disable=not runtime.is_main):
+        for batch_positions, batch in tqdm(loader, desc=description, disable=not runtime.is_main):
             batch = raise_problem(batch)
-            encoded += batch_positions
             if batch is None or batch["pixel_values"] is None:
+                yield batch_positions, None
                 continue
-            features = model.vision_features(batch["pixel_values"].to(runtime.device)).to(torch.float16).cpu()
-            rows = [row for position in batch_positions for row in range(offsets[position], offsets[position + 1])]
-            array[rows] = features.numpy()
-    array.flush()
-    del array
-    return sorted(set(positions) - set(encoded))
+            yield batch_positions, model.vision_features(batch["pixel_values"].to(runtime.device)).float().cpu()
+
+
+def fit_projector_whitening(model: VLM, dataset, runtime: Runtime, batch_size: int, num_workers: int, autocast,
+                            max_images: int = 2048) -> None:
+    """--projector_input_norm whiten: fit the projector's input whitening on the first `max_images` training
+    samples' features (the cache's rows when there is a cache; every rank reads the same ones, so all agree)."""
+    positions = range(min(len(dataset), max_images))
+    cache = getattr(dataset, "feature_cache", None)
+    if cache is not None:
+        usable = [p for p in positions if p not in dataset.unusable]
+        features = [cache.features(p) for p in usable]
+    else:
+        features = [f for _, f in encoded_images(model, dataset, positions, runtime, batch_size, num_workers,
+                                                 autocast, "fitting the projector's input whitening")
+                    if f is not None]
+    if not features:
+        raise SystemExit("--projector_input_norm whiten: the first training samples have no images to fit it on")
+    tokens = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    model.projector.norm.fit(tokens)
+    if runtime.is_main:
+        print(f"projector input whitening fitted on {tokens.shape[0]:,} feature tokens of the first training images")

@@ -28,7 +28,7 @@ from data import ConversationDataset, ScanPlan, check_data, collate, load_record
 from distributed import (ReachEveryTrainable, Runtime, all_reduce_sum, barrier, from_main, gathered, setup_runtime,
                          shard_model, sharded)
 from eval_vlm import HeldOutQuestions, compute_metrics, write_predictions
-from feature_cache import attach_feature_cache
+from feature_cache import attach_feature_cache, fit_projector_whitening
 from inference import describe_precision, resolve_dtype
 from model import VLM
 from model_setup import (MODULE_PREFIXES, autocast_for, build_model, build_optimizer, build_scheduler,
@@ -286,7 +286,7 @@ def optimizer_step(run: Run, objective: Objective, args, runtime: Runtime) -> di
             f"step {run.step + 1}: loss {reduced[0].item()} / grad norm {grad_norm.item()} is not finite; "
             f"stopping without saving. The last good checkpoint stays in {args.output_dir}. Try "
             f"--dtype bf16 (or fp32), a lower --lr, or check the data of this step")
-    lr = run.scheduler.get_last_lr()[0]
+    lrs = learning_rates(run.optimizer, run.scheduler, args.lr)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -294,12 +294,21 @@ def optimizer_step(run: Run, objective: Objective, args, runtime: Runtime) -> di
     run.step += 1
 
     elapsed = time.perf_counter() - started
-    return {"loss": reduced[0].item(), "lr": lr, "grad_norm": grad_norm.item(),
+    return {"loss": reduced[0].item(), **lrs, "grad_norm": grad_norm.item(),
             "epoch": run.stream.epoch + run.stream.batch_in_epoch / run.batches_per_epoch,
             "supervised_tokens": int(num_items), "tokens_per_s": num_tokens / elapsed,
             "samples_per_s": args.batch_size * args.grad_accum * runtime.world_size / elapsed,
             "peak_memory_gb": peak_memory_gb(runtime.device),
             **{name: value.item() for name, value in zip(metric_sums, reduced[1:])}}
+
+
+def learning_rates(optimizer, scheduler, base_lr: float) -> dict:
+    """This step's learning rates: "lr" for --lr's schedule, and "lr_<module>" for a module given a rate of its own
+    (--projector_lr ...), which the same schedule scales."""
+    factor = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["initial_lr"]
+    own = {f"lr_{group['name']}": group["initial_lr"] * factor for group in optimizer.param_groups
+           if group["initial_lr"] != base_lr and not group["name"].endswith("_no_decay")}
+    return {"lr": base_lr * factor, **own}
 
 
 def train(args, runtime: Runtime, model: VLM, dataset, objective: Objective, collate_fn,
@@ -367,6 +376,9 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective: Objecti
     if args.cache_vision_features:
         attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args.batch_size, args.num_workers,
                              autocast_for(args.dtype, runtime.device))
+    if model.config.projector_input_norm == "whiten" and not args.model_path:  # a new projector: fit it once
+        fit_projector_whitening(model, dataset, runtime, args.batch_size, args.num_workers,
+                                autocast_for(args.dtype, runtime.device))
     if runtime.is_main:
         describe_run(model, dataset, runtime, args)
     packing = {"pack_length": args.max_length} if args.packing else {}

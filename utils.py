@@ -43,9 +43,11 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     model.add_argument("--vision_feature_layer", type=int, default=None,
                        help="new model: the tower layer whose patch features the projector reads (-1: the last "
                             "hidden state, -2: the layer before it, as LLaVA-1.5 does); default -1")
-    model.add_argument("--projector_input_norm", default=None, choices=["none", "layernorm"],
-                       help="new model: normalise each image token before the projector's MLP (saved with the "
-                            "model); default none, LLaVA-1.5's MLP")
+    model.add_argument("--projector_input_norm", default=None, choices=["none", "layernorm", "whiten"],
+                       help="new model: what the projector does to the tower's features before its MLP, saved "
+                            "with the model: whiten (the training features' mean removed and ZCA-whitened, fitted "
+                            "once on the first 2,048 training images), layernorm (each token), or none (LLaVA-1.5's "
+                            "MLP); default none")
     model.add_argument("--preset", default=None, choices=["tiny", "small", "real"],
                        help="build a randomly initialised VLM of a named size instead of loading components")
     model.add_argument("--tokenizer", default=None,

@@ -57,9 +57,9 @@ def run(command: list[str], seconds: dict, step: str) -> str:
 RECIPES = {
     # Pretrained parts (scripts/get_parts.py): stage 1 trains the projector alone on plain-format captions, SFT the
     # projector (at its own, higher learning rate) and the LLM, DPO the same on the SFT model's own mistakes.
-    "mini": dict(output_dir="checkpoints/mini", num_samples=1280, num_eval=100, num_dpo=64, image_size=112,
-                 pretrain_steps=80, pretrain_lr=2e-3, pretrain_batch_size=16, sft_steps=50, sft_lr=1e-4,
-                 sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=20,
+    "mini": dict(output_dir="checkpoints/mini", num_samples=1280, num_eval=100, num_dpo=32, image_size=112,
+                 pretrain_steps=110, pretrain_lr=2e-3, pretrain_batch_size=8, sft_steps=28, sft_lr=1e-4,
+                 sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=10,
                  dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=0.2, dpo_pairs="onpolicy", dpo_samples=1,
                  warmup_steps=10, lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto",
                  eval_batch_size=64, curve_points=2, projector_input_norm="none"),
@@ -78,7 +78,7 @@ EVAL_FILES = {"pretrain": ("eval_captions.jsonl", 48), "sft": ("eval.jsonl", 16)
 def stage_flags(args, stage: str, data: str | None = None) -> list[str]:
     steps, lr, batch = (getattr(args, f"{stage}_{name}") for name in ("steps", "lr", "batch_size"))
     questions, max_new_tokens = EVAL_FILES[stage]
-    every = max(1, steps // args.curve_points) if stage != "dpo" else 0  # DPO: once, at the end
+    every = max(1, steps // args.curve_points) if stage == "sft" else 0  # stage 1 and DPO: once, at their end
     return ["--data_path", data or os.path.join(args.data_dir, f"{stage}.json"),
             "--image_dir", os.path.join(args.data_dir, "images"),
             "--output_dir", os.path.join(args.output_dir, stage), *module_flags(args, stage),
@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{stage}_batch_size", type=int, default=None, help=f"{stage} samples per step")
     parser.add_argument("--sft_projector_lr", type=float, default=None,
                         help="SFT's projector learning rate (None: --sft_lr)")
-    parser.add_argument("--projector_input_norm", default=None, choices=["none", "layernorm"],
-                        help="stage 1 builds the projector with a LayerNorm on its input, or without")
+    parser.add_argument("--projector_input_norm", default=None, choices=["none", "layernorm", "whiten"],
+                        help="how stage 1 builds the projector's input: whitened with the training features' "
+                             "statistics, a LayerNorm, or neither (pretrain_train.py --projector_input_norm)")
     parser.add_argument("--sft_questions", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="questions per SFT conversation (make_shapes.py --sft_questions)")
     parser.add_argument("--lr_scheduler_type", default=None,
@@ -198,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answers sampled per preference question for on-policy pairs "
                              "(onpolicy_pairs.py --samples)")
     parser.add_argument("--curve_points", type=int, default=None,
-                        help="held-out evaluations per stage during stage 1 and SFT (the last after the last step)")
+                        help="held-out evaluations during SFT, the last after its last step (stage 1 and DPO "
+                             "evaluate once, at their end)")
     parser.add_argument("--sft_mode", default=None, choices=["full", "lora"],
                         help="SFT trains the whole LLM, or LoRA adapters on it (the projector trains fully in both)")
     parser.add_argument("--lora_r", type=int, default=64, help="adapter rank with --lora (alpha = 2r)")

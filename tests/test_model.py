@@ -11,7 +11,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerF
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from conversation import ChatSession
-from model import (VLM, VLMConfig, downsample_grid, preset_configs, vlm_from_components, vlm_from_configs,
+from model import (VLM, VLMConfig, Whitening, downsample_grid, preset_configs, vlm_from_components, vlm_from_configs,
                    vlm_from_preset)
 from processor import VLMProcessor
 
@@ -171,19 +171,26 @@ def test_build_from_saved_component_folders(tmp_path, combo, qwen_tokenizer, toy
         reloaded.chat(str(image), QUESTION, max_new_tokens=4, min_new_tokens=4)
 
 
-def test_the_projectors_input_norm_is_saved_with_the_model_and_chat_uses_it(toy_tokenizer, tmp_path):
+@pytest.mark.parametrize("kind", ["layernorm", "whiten"])
+def test_the_projectors_input_norm_is_saved_with_the_model_and_chat_uses_it(toy_tokenizer, tmp_path, kind):
     torch.manual_seed(0)
-    model = vlm_from_preset("tiny", toy_tokenizer, projector_input_norm="layernorm").eval()
-    with torch.no_grad():  # trained-looking values, not LayerNorm's identity start
-        model.projector.norm.weight.uniform_(0.2, 3.0)
-        model.projector.norm.bias.normal_()
+    model = vlm_from_preset("tiny", toy_tokenizer, projector_input_norm=kind).eval()
+    size = model.config.vision_config.hidden_size
+    with torch.no_grad():  # fitted / trained-looking values, not the identity start
+        if kind == "whiten":
+            model.projector.norm.fit(torch.randn(500, size) @ torch.randn(size, size) + 3)
+        else:
+            model.projector.norm.weight.uniform_(0.2, 3.0)
+            model.projector.norm.bias.normal_()
     image = tmp_path / "im.png"
     draw_image(str(image), 1, size=40)
     model.save_pretrained(tmp_path / "vlm")
     reloaded = VLM.from_pretrained(str(tmp_path / "vlm")).eval()
-    assert reloaded.config.projector_input_norm == "layernorm"
-    assert torch.equal(reloaded.projector.norm.weight, model.projector.norm.weight)
-    assert torch.equal(reloaded.projector.norm.bias, model.projector.norm.bias)
+    assert reloaded.config.projector_input_norm == kind
+    saved = {k: v for k, v in model.state_dict().items() if k.startswith("projector.norm.")}
+    assert len(saved) == 2
+    for key, value in saved.items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
     answer = reloaded.chat(str(image), QUESTION, max_new_tokens=6, min_new_tokens=6)
     assert answer == model.chat(str(image), QUESTION, max_new_tokens=6, min_new_tokens=6)
     pixels = VLMProcessor.from_model(reloaded).pixel_values([Image.open(image).convert("RGB")])
@@ -191,6 +198,20 @@ def test_the_projectors_input_norm_is_saved_with_the_model_and_chat_uses_it(toy_
         features = reloaded.encode_images(pixels)
         reloaded.projector.norm = torch.nn.Identity()  # what chat would compute without the saved norm
         assert not torch.allclose(reloaded.encode_images(pixels), features)
+
+
+def test_whitening_gives_the_fitted_features_zero_mean_and_unit_scale():
+    torch.manual_seed(0)
+    # A large shared offset and one dominant direction, as a vision tower's features have.
+    features = torch.randn(4000, 6) * torch.tensor([20.0, 1, 1, 0.5, 0.5, 0.1]) + 30
+    whitening = Whitening(6)
+    whitening.fit(features, shrinkage=0.0)
+    white = whitening(features)
+    assert white.mean(0).abs().max() < 1e-4
+    assert torch.allclose(torch.cov(white.T), torch.eye(6), atol=1e-3)
+    whitening.fit(features)  # shrinkage: the near-empty direction is not blown up to the others' scale
+    variances = torch.cov(whitening(features).T).diag()
+    assert variances[-1] < 0.1 < variances[0]
 
 
 def test_a_model_without_the_input_norm_has_no_norm_weights(toy_tokenizer):

@@ -305,6 +305,29 @@ def test_more_ranks_than_gpus_is_one_line_not_a_cuda_error(monkeypatch):
         setup_runtime()
 
 
+def test_the_log_gives_the_lr_schedule_of_lr_and_of_each_module_with_its_own(toy_tokenizer):
+    """"lr" is --lr's schedule even when another module's group comes first in the optimizer (it logged the
+    projector's rate as the LLM's before)."""
+    from model_setup import build_optimizer, build_scheduler, set_trainable
+    from training import learning_rates
+
+    model = tiny_vlm(toy_tokenizer)
+    set_trainable(model, vision=False, projector=True, llm=True)
+    args = sft_train.stage_parser("t").parse_args(["--data_path", "x", "--output_dir", "y", "--lr", "1e-4",
+                                                  "--projector_lr", "1e-3", "--warmup_steps", "4",
+                                                  "--lr_scheduler_type", "constant_with_warmup"])
+    optimizer = build_optimizer(model, args)
+    assert optimizer.param_groups[0]["name"] == "projector"
+    scheduler = build_scheduler(optimizer, args, total_steps=10)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert learning_rates(optimizer, scheduler, args.lr) == pytest.approx({"lr": 5e-5, "lr_projector": 5e-4})
+    args.projector_lr = None
+    same = build_optimizer(model, args)
+    assert learning_rates(same, build_scheduler(same, args, total_steps=10), args.lr) == {"lr": 0.0}
+
+
 def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
     from model_setup import build_optimizer, set_trainable
 
@@ -553,6 +576,26 @@ def test_architecture_flags_build_stage_one_and_a_checkpoint_keeps_them(tmp_path
     with pytest.raises(SystemExit, match=r"--vision_feature_layer: set when a model is built \(stage 1\); "):
         sft_train.main(common_args(data, tmp_path / "sft", "--model_path", str(tmp_path / "pre"),
                                    "--vision_feature_layer", "-1"))
+
+
+def test_stage_one_fits_the_whitening_once_with_or_without_the_cache_and_later_stages_keep_it(tmp_path, data,
+                                                                                                  toy_tokenizer):
+    flags = [*saved_start(tiny_vlm(toy_tokenizer), tmp_path, "components"), "--max_steps", "1", "--save_steps", "0",
+             "--projector_input_norm", "whiten", *CHAT_STAGE_1]
+    pretrain_train.main(common_args(data, tmp_path / "online", *flags))
+    pretrain_train.main(common_args(data, tmp_path / "cached", *flags, "--cache_vision_features",
+                                    str(tmp_path / "cache")))
+    online, cached = final_weights(tmp_path / "online"), final_weights(tmp_path / "cached")
+    size = tiny_vlm(toy_tokenizer).config.vision_config.hidden_size
+    assert online["projector.norm.mean"].abs().max() > 1e-3  # fitted, not the zero start
+    assert not torch.allclose(online["projector.norm.matrix"], torch.eye(size))
+    for key in ("projector.norm.mean", "projector.norm.matrix"):  # the cache keeps features in fp16
+        torch.testing.assert_close(cached[key], online[key], rtol=2e-2, atol=2e-2)
+    sft_train.main(common_args(data, tmp_path / "sft", "--model_path", str(tmp_path / "online"), "--max_steps", "1",
+                               "--save_steps", "0"))
+    after = final_weights(tmp_path / "sft")
+    for key in ("projector.norm.mean", "projector.norm.matrix"):  # a buffer: no optimizer step or refit moves it
+        assert torch.equal(after[key], online[key]), key
 
 
 # ---------------------------------------------------------------- command lines
