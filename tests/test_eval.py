@@ -74,6 +74,33 @@ def test_questions_from_jsonl_and_llava_format(tmp_path):
     assert b["type"] == "pos"
 
 
+def test_questions_are_answered_in_batches_of_similar_length_and_returned_in_file_order(tmp_path):
+    """A batch is padded to its longest prompt and decodes until its longest answer ends: short and long questions
+    go to different batches, and every answer still lands on its own question."""
+    questions = ["Is there a red circle?", "图中有几个图形？这是一个很长的问题吗？", "Where?", "黄色正方形在上面还是下面？",
+                 "What colour is the triangle?", "Count?"]
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"image": None, "question": q, "answer": q[::-1]}) + "\n" for q in questions))
+
+    class Tokenizer:  # one token a character: Chinese characters count as much as they do in SmolLM2's BPE
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text)}
+
+    class Model:
+        tokenizer, batches = Tokenizer(), []
+
+        def batch_chat(self, images, texts, max_new_tokens, **kwargs):
+            self.batches.append(texts)
+            return [text[::-1] for text in texts]
+
+    model = Model()
+    results = eval_vlm.HeldOutQuestions(str(path), None).answer(model, batch_size=2, progress=False)
+    assert [r["question"] for r in results] == questions
+    assert all(r["prediction"] == r["answer"] for r in results)
+    assert model.batches == [["Where?", "Count?"], ["黄色正方形在上面还是下面？", "图中有几个图形？这是一个很长的问题吗？"],
+                             ["Is there a red circle?", "What colour is the triangle?"]]
+
+
 @pytest.mark.parametrize("text, message", [
     ('{"image": "a.png", "question": "Q?"}\n', "record 0: no answer"),
     ('{"image": "a.png", "question": "Q?", "answer": "A"}\n{broken\n', "q.jsonl:2: malformed JSON line"),
