@@ -58,7 +58,7 @@ RECIPES = {
     # Pretrained parts (scripts/get_parts.py): stage 1 trains the projector alone on plain-format captions, SFT the
     # projector (at its own, higher learning rate) and the LLM, DPO the same on the SFT model's own mistakes.
     "mini": dict(output_dir="checkpoints/mini", num_samples=1280, num_eval=100, num_dpo=32, image_size=112,
-                 pretrain_steps=130, pretrain_lr=2e-3, pretrain_batch_size=8, sft_steps=28, sft_lr=1e-4,
+                 pretrain_steps=110, pretrain_lr=2e-3, pretrain_batch_size=8, sft_steps=28, sft_lr=1e-4,
                  sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=10,
                  dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=1.0, dpo_pairs="onpolicy", dpo_samples=1,
                  warmup_steps=10, lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto",
