@@ -160,7 +160,9 @@ class Whitening(nn.Module):
 def projector_input_norm(kind: str | None, size: int) -> nn.Module:
     if kind not in PROJECTOR_INPUT_NORMS:
         raise ValueError(f"projector_input_norm {kind!r}: choose one of {PROJECTOR_INPUT_NORMS}")
-    return {"layernorm": nn.LayerNorm, "whiten": Whitening}.get(kind, lambda size: nn.Identity())(size)
+    if kind == "whiten":
+        return Whitening(size)
+    return nn.LayerNorm(size) if kind == "layernorm" else nn.Identity()
 
 
 class Projector(nn.Module):

@@ -373,12 +373,12 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective: Objecti
     set_trainable(model, args.train_vision, args.train_projector, args.train_llm)
     processor = VLMProcessor.from_model(model, args.max_length)
     dataset = build_dataset(args, processor, scan=scan_plan(args, runtime))
+    autocast = autocast_for(args.dtype, runtime.device)
     if args.cache_vision_features:
         attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args.batch_size, args.num_workers,
-                             autocast_for(args.dtype, runtime.device))
+                             autocast)
     if model.config.projector_input_norm == "whiten" and not args.model_path:  # a new projector: fit it once
-        fit_projector_whitening(model, dataset, runtime, args.batch_size, args.num_workers,
-                                autocast_for(args.dtype, runtime.device))
+        fit_projector_whitening(model, dataset, runtime, args.batch_size, args.num_workers, autocast)
     if runtime.is_main:
         describe_run(model, dataset, runtime, args)
     packing = {"pack_length": args.max_length} if args.packing else {}

@@ -26,7 +26,6 @@ import json
 import random
 from collections import Counter, defaultdict
 
-
 from eval_vlm import HeldOutQuestions, image_name, normalise
 
 
