@@ -70,6 +70,11 @@ class VLMConfig(PreTrainedConfig):
     # LayerNorm over each token's channels (it removes neither the shared offset nor the dominant directions).
     # None: the plain LLaVA-1.5 MLP.
     projector_input_norm: str | None = None
+    # The norm every image token leaves the projector with. A trained LLaVA MLP's outputs grow far past the text
+    # embeddings' norm (SmolLM2-135M: 196 after stage 1 against 3.2), so an image token rides through the frozen LLM
+    # nearly untouched by its layers. "embedding" (resolved when the model is built): the LLM's mean input-embedding
+    # norm, so image tokens enter at a text token's scale. None: the plain MLP's output.
+    projector_output_norm: float | str | None = None
     vision_feature_layer: int = -1  # -1: the tower's last_hidden_state; other values index hidden_states
     # The side of the square image the tower is fed, as the image processor produces it. It can differ from the
     # vision config's image_size: a DINOv2 folder declares 518 while its processor crops 224. None: the config's.
@@ -169,15 +174,24 @@ class Projector(nn.Module):
     """Two-layer MLP from the vision width to the LLM width (LLaVA-1.5's mlp2x_gelu), optionally after a fixed
     whitening or a LayerNorm of its input (VLMConfig.projector_input_norm)."""
 
-    def __init__(self, vision_size: int, hidden_size: int, text_size: int, input_norm: str | None = None):
+    def __init__(self, vision_size: int, hidden_size: int, text_size: int, input_norm: str | None = None,
+                 output_norm: float | None = None):
         super().__init__()
         self.norm = projector_input_norm(input_norm, vision_size)
+        self.output_norm = output_norm
         self.fc1 = nn.Linear(vision_size, hidden_size)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_size, text_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        out = self.fc2(self.act(self.fc1(self.norm(x))))
+        return out if self.output_norm is None else F.normalize(out, dim=-1) * self.output_norm
+
+
+def mean_embedding_norm(language_model: nn.Module) -> float | None:
+    """The LLM's mean input-embedding row norm (None on the meta device, where a model is only being checked)."""
+    weight = language_model.get_input_embeddings().weight
+    return None if weight.is_meta else round(weight.detach().float().norm(dim=-1).mean().item(), 4)
 
 
 @dataclass
@@ -218,8 +232,10 @@ class VLM(PreTrainedModel, GenerationMixin):
         for sub_config in (config.vision_config, config.text_config):
             sub_config._attn_implementation = sub_config._attn_implementation or config._attn_implementation
         text_size = config.text_config.hidden_size
+        if config.projector_output_norm == "embedding":
+            config.projector_output_norm = mean_embedding_norm(self.language_model)
         self.projector = Projector(config.vision_config.hidden_size, config.projector_hidden_size or text_size,
-                                   text_size, config.projector_input_norm)
+                                   text_size, config.projector_input_norm, config.projector_output_norm)
         # Set by attach_processors / from_pretrained; chat() and the data pipeline need them.
         self.tokenizer = None
         self.image_processor = None

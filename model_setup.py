@@ -72,14 +72,16 @@ def new_model_settings(args) -> dict:
     """The architecture flags a new model is built with. A checkpoint keeps the ones it was trained with: changing
     them would feed its trained projector inputs it never saw, so giving them with --model_path is an error."""
     settings = {"vision_feature_layer": args.vision_feature_layer,
-                "projector_input_norm": args.projector_input_norm}
+                "projector_input_norm": args.projector_input_norm,
+                "projector_output_norm": args.projector_output_norm}
     settings = {key: value for key, value in settings.items() if value is not None}
     if args.model_path and settings:
         flags = ", ".join(f"--{key}" for key in settings)
         raise SystemExit(f"{flags}: set when a model is built (stage 1); {args.model_path} keeps what it was "
                          f"trained with (see its config.json)")
-    if settings.get("projector_input_norm") == "none":
-        settings["projector_input_norm"] = None
+    for key in ("projector_input_norm", "projector_output_norm"):
+        if settings.get(key) == "none":
+            settings[key] = None
     return settings
 
 
@@ -128,14 +130,23 @@ def quantization_config(args) -> dict:
         llm_int8_skip_modules=["vision_model", "projector", "lm_head"])}
 
 
-def set_trainable(model: VLM, vision: bool, projector: bool, llm: bool) -> None:
-    """Freeze or train each module. A module that carries LoRA adapters trains its adapters only."""
+def set_trainable(model: VLM, vision: bool, projector: bool, llm: bool, llm_frozen_layers: int = 0) -> None:
+    """Freeze or train each module. A module that carries LoRA adapters trains its adapters only. A trained LLM
+    keeps its input embeddings (and an output head tied to them) and its first `llm_frozen_layers` blocks frozen:
+    their weight gradients and optimizer updates are skipped, while gradients still flow through them to the
+    projector."""
     adapters = {id(p) for p in adapter_parameters(model).values()}
     for key, flag in (("vision", vision), ("projector", projector), ("llm", llm)):
         params = list(module_of(model, key).parameters())
         own_adapters = [p for p in params if id(p) in adapters]
         for p in params:
             p.requires_grad_(flag and (not own_adapters or id(p) in adapters))
+    if llm and llm_frozen_layers:
+        blocks = transformer_blocks(model, model.language_model)
+        if llm_frozen_layers > len(blocks):
+            raise SystemExit(f"--llm_frozen_layers {llm_frozen_layers}: the LLM has {len(blocks)} blocks")
+        for module in [model.language_model.get_input_embeddings(), *blocks[:llm_frozen_layers]]:
+            module.requires_grad_(False)
 
 
 def module_of(model: VLM, key: str) -> torch.nn.Module:

@@ -370,7 +370,7 @@ def run_stage(args, build_dataset=build_conversation_dataset, objective: Objecti
     # The held-out questions and their images are read first: a broken file stops the run before any work.
     evaluation = HeldOutEvaluation(args, runtime) if args.eval_data_path else None
     model = build_model(args, tokenizer_texts=texts)
-    set_trainable(model, args.train_vision, args.train_projector, args.train_llm)
+    set_trainable(model, args.train_vision, args.train_projector, args.train_llm, args.llm_frozen_layers)
     processor = VLMProcessor.from_model(model, args.max_length)
     dataset = build_dataset(args, processor, scan=scan_plan(args, runtime))
     autocast = autocast_for(args.dtype, runtime.device)

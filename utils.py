@@ -48,6 +48,9 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
                             "with the model: whiten (the training features' mean removed and ZCA-whitened, fitted "
                             "once on the first 2,048 training images), layernorm (each token), or none (LLaVA-1.5's "
                             "MLP); default none")
+    model.add_argument("--projector_output_norm", default=None, choices=["none", "embedding"],
+                       help="new model: embedding rescales every image token the projector outputs to the LLM's "
+                            "mean input-embedding norm (saved with the model); default none (the plain MLP)")
     model.add_argument("--preset", default=None, choices=["tiny", "small", "real"],
                        help="build a randomly initialised VLM of a named size instead of loading components")
     model.add_argument("--tokenizer", default=None,
@@ -105,6 +108,9 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     train.add_argument("--train_vision", action=on_off, default=False, help="train the vision tower")
     train.add_argument("--train_projector", action=on_off, default=True, help="train the projector")
     train.add_argument("--train_llm", action=on_off, default=True, help="train the language model")
+    train.add_argument("--llm_frozen_layers", type=int, default=0,
+                       help="with --train_llm: keep the LLM's input embeddings (and an output head tied to them) "
+                            "and its first N blocks frozen; their weight gradients and updates are skipped")
     train.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile each transformer block (the first steps are slower while it compiles)")

@@ -200,6 +200,34 @@ def test_the_projectors_input_norm_is_saved_with_the_model_and_chat_uses_it(toy_
         assert not torch.allclose(reloaded.encode_images(pixels), features)
 
 
+def test_the_projectors_output_norm_is_the_llms_embedding_norm_and_survives_save_and_load(toy_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = vlm_from_preset("tiny", toy_tokenizer, projector_output_norm="embedding").eval()
+    embedding_norm = model.language_model.get_input_embeddings().weight.norm(dim=-1).mean().item()
+    assert model.config.projector_output_norm == pytest.approx(embedding_norm, rel=1e-3)
+    image = tmp_path / "im.png"
+    draw_image(str(image), 1, size=40)
+    pixels = VLMProcessor.from_model(model).pixel_values([Image.open(image).convert("RGB")])
+    with torch.no_grad():
+        features = model.encode_images(pixels)
+    assert torch.allclose(features.norm(dim=-1), torch.full(features.shape[:2], embedding_norm), rtol=1e-3)
+    model.save_pretrained(tmp_path / "vlm")
+    reloaded = VLM.from_pretrained(str(tmp_path / "vlm")).eval()
+    assert reloaded.projector.output_norm == model.config.projector_output_norm
+    answer = reloaded.chat(str(image), QUESTION, max_new_tokens=6, min_new_tokens=6)
+    assert answer == model.chat(str(image), QUESTION, max_new_tokens=6, min_new_tokens=6)
+    with torch.no_grad():
+        assert torch.allclose(reloaded.encode_images(pixels), features, atol=1e-6)
+        reloaded.projector.output_norm = None  # what chat would compute without the saved scale
+        assert not torch.allclose(reloaded.encode_images(pixels), features, atol=1e-3)
+    # The scale is a number saved in the config, not measured again: an LLM whose embeddings change later (SFT)
+    # keeps the scale its projector was trained with.
+    with torch.no_grad():
+        model.language_model.get_input_embeddings().weight.mul_(5)
+    model.save_pretrained(tmp_path / "vlm_later")
+    assert VLM.from_pretrained(str(tmp_path / "vlm_later")).projector.output_norm == reloaded.config.projector_output_norm
+
+
 def test_whitening_gives_the_fitted_features_zero_mean_and_unit_scale():
     torch.manual_seed(0)
     # A large shared offset and one dominant direction, as a vision tower's features have.

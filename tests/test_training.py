@@ -344,6 +344,30 @@ def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
     assert {g["name"] for g in build_optimizer(model, args).param_groups} == {"projector", "projector_no_decay"}
 
 
+def test_frozen_lower_llm_layers_get_no_gradient_and_the_projector_still_does(toy_tokenizer):
+    from model_setup import build_optimizer, set_trainable, transformer_blocks
+
+    model = tiny_vlm(toy_tokenizer).train()
+    args = sft_train.stage_parser("t").parse_args(["--data_path", "x", "--output_dir", "y",
+                                                  "--llm_frozen_layers", "1"])
+    set_trainable(model, args.train_vision, args.train_projector, args.train_llm, args.llm_frozen_layers)
+    blocks = transformer_blocks(model, model.language_model)
+    frozen = [model.language_model.get_input_embeddings(), blocks[0]]
+    assert not any(p.requires_grad for module in frozen for p in module.parameters())
+    assert all(p.requires_grad for block in blocks[1:] for p in block.parameters())
+    input_ids = torch.tensor([[model.config.image_token_id] * model.config.num_image_tokens + [5, 6, 7]])
+    labels = input_ids.clone()
+    labels[:, :-2] = -100
+    pixels = torch.randn(1, 3, model.config.input_size, model.config.input_size)
+    model(input_ids=input_ids, pixel_values=pixels, labels=labels).loss.backward()
+    assert all(p.grad is None for module in frozen for p in module.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    trained = {id(p) for group in build_optimizer(model, args).param_groups for p in group["params"]}
+    assert not trained & {id(p) for module in frozen for p in module.parameters()}
+    with pytest.raises(SystemExit, match=f"--llm_frozen_layers {len(blocks) + 1}: the LLM has {len(blocks)} blocks"):
+        set_trainable(model, False, True, True, len(blocks) + 1)
+
+
 class WorkerPids(torch.utils.data.Dataset):
     def __len__(self):
         return 8
