@@ -47,7 +47,12 @@ def load_records(path: str):
     if os.path.isdir(path) and _is_saved_dataset(path):
         table = datasets.load_from_disk(path)
     elif os.path.isdir(path) or path.endswith(".parquet"):
-        table = datasets.Dataset.from_parquet(data_files(path))
+        files = data_files(path)
+        try:
+            table = datasets.Dataset.from_parquet(files)
+        except Exception:
+            _check_parquet_files(files)  # pyarrow's errors name the damage, not the file
+            raise
     elif path.endswith((".json", ".jsonl")):
         try:
             table = datasets.Dataset.from_json(path)
@@ -77,7 +82,7 @@ def data_files(path: str) -> list[str]:
         return files
     parquet = [name for name in files if name.endswith(".parquet")]
     if not parquet:
-        raise DataError(f"{path}: a folder with neither a saved dataset (Dataset.save_to_disk) nor .parquet files")
+        raise DataError(f"{path}: no parquet files in it, and not a folder written by Dataset.save_to_disk")
     return parquet
 
 
@@ -88,6 +93,16 @@ def _is_saved_dataset(path: str) -> bool:
 def _hidden(folder: str, root: str) -> bool:
     """Inside a dot-folder below root (`hf download --local-dir` keeps its .cache/ there)."""
     return any(part.startswith(".") for part in os.path.relpath(folder, root).split(os.sep) if part != ".")
+
+
+def _check_parquet_files(files: list[str]) -> None:
+    import pyarrow.parquet as pq
+
+    for file in files:
+        try:
+            pq.ParquetFile(file)
+        except Exception as error:
+            raise DataError(f"{file}: not a readable parquet file: {error}") from None
 
 
 def _check_json_syntax(path: str) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from dataclasses import dataclass
 
+from settings import DataSettings, StageSettings
 from utils import run_stage_from_args, stage_parser
 
 
@@ -86,20 +88,36 @@ def collate_pairs(samples: list[dict | None], pad_token_id: int) -> dict | None:
     return batch
 
 
-def build_preference_dataset(args, processor, validate: bool = True, scan=None):
+def build_preference_dataset(data: DataSettings, processor, validate: bool = True, scan=None):
     from data import PreferenceDataset
 
-    return PreferenceDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate, scan=scan)
+    return PreferenceDataset(data.data_path, processor, data.image_dir, data.skip_bad_samples, validate, scan=scan)
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """The DPO group of flags."""
+
+    beta: float
+    label_smoothing: float
+    loss_type: str
+    sft_weight: float
+    precompute_ref: bool
 
 
 class DPOObjective:
-    """The loop's objective for preference pairs: loss summed over pairs (the loop divides by the step's pairs)."""
+    """The loop's objective for preference pairs: loss summed over pairs (the loop divides by the step's pairs).
+    `batch_size` and `num_workers` serve the reference pass of --precompute_ref."""
 
-    def __init__(self, args):
-        self.beta, self.label_smoothing, self.loss_type = args.beta, args.label_smoothing, args.loss_type
-        self.sft_weight, self.precompute = args.sft_weight, args.precompute_ref
-        self.batch_size, self.num_workers = args.batch_size, args.num_workers
+    def __init__(self, settings: DPOSettings, batch_size: int, num_workers: int):
+        self.beta, self.label_smoothing, self.loss_type = settings.beta, settings.label_smoothing, settings.loss_type
+        self.sft_weight, self.precompute = settings.sft_weight, settings.precompute_ref
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.reference = None
+
+    @classmethod
+    def from_settings(cls, settings: StageSettings) -> DPOObjective:
+        return cls(settings.stage, settings.run.batch_size, settings.data.num_workers)
 
     def prepare(self, model, dataset, runtime, collate_fn, autocast) -> None:
         """The reference: the starting model's log-probs precomputed for every pair, or the policy with its LoRA
@@ -188,7 +206,6 @@ class DPOObjective:
 def build_parser():
     parser = stage_parser(__doc__.splitlines()[0], lr=1e-6, train_vision=False, train_projector=None,
                           train_llm=True, max_length=2048, batch_size=8, warmup_ratio=0.1,
-                          merge_loaded_adapters=True,
                           # Pairs share one image encoding and sit in rows of their own: no packing, and the
                           # chosen/rejected collate reads pixels, not cached features; replies are chat turns.
                           without=("--packing", "--cache_vision_features", "--prompt_format"))
@@ -204,20 +221,21 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> StageSettings:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.train_projector is None:  # with LoRA, the adapter-free model is the reference: keep the projector
         args.train_projector = not args.lora
     if args.model_path is None and args.preset is None:
         parser.error("DPO starts from a trained model: give --model_path (an SFT checkpoint)")
-    return args
+    # The starting model is also the reference, so a LoRA checkpoint's adapters are folded into it.
+    return StageSettings.from_args(args, stage=DPOSettings, merge_loaded_adapters=True)
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    return run_stage_from_args(args, build_dataset=build_preference_dataset, objective=DPOObjective(args),
-                               collate_fn=collate_pairs)
+    settings = parse_args(argv)
+    return run_stage_from_args(settings, build_dataset=build_preference_dataset,
+                               objective=DPOObjective.from_settings(settings), collate_fn=collate_pairs)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ batches and written to --output; the metrics are printed, their last line one JS
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import re
 import string
 from collections import defaultdict
@@ -96,60 +94,37 @@ def one_question_per_scene(rows: list[dict], count: int) -> list[dict]:
 
 def read_questions(path: str) -> list[dict]:
     """{"id", "image", "question", "answer", "type"} from JSONL questions, LLaVA-format records, or parquet files
-    that carry their images (a file, or a folder of shards as `hf download` leaves POPE and MME)."""
-    if path.endswith(".parquet") or os.path.isdir(path):
-        return [question_of(row, f"{where}: row {i}") for where, rows in parquet_rows(path)
-                for i, row in enumerate(rows)]
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    that carry their images (a file, or a folder of shards as `hf download` leaves POPE and MME). Read by
+    data.load_records, the reader training uses, so its errors name the file and line the same way."""
+    from data import load_records  # here: scoring a predictions file needs no torch
+    from processor import DataError
+
     try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else None
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"{path}:{error.lineno}: malformed JSON: {error.msg}") from None
-    if rows is None:
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise SystemExit(f"{path}:{number}: malformed JSON line: {error.msg}") from None
-    return [question_of(row, f"{path}: record {i}") for i, row in enumerate(rows)]
-
-
-def parquet_rows(path: str):
-    """(file, its rows) for a parquet file or every parquet file below a folder; images stay encoded until used."""
-    import pyarrow.parquet as pq
-
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.parquet"),
-                                                                 recursive=True))
-    if not files:
-        raise SystemExit(f"{path}: no such file" if not os.path.isdir(path) else f"{path}: no parquet files in it")
-    for file in files:
-        try:
-            yield file, pq.read_table(file).to_pylist()
-        except Exception as error:  # pyarrow's errors name the damage, not the file
-            raise SystemExit(f"{file}: not a readable parquet file: {error}") from None
+        return [question_of(row, f"{path}: record {i}") for i, row in enumerate(load_records(path))]
+    except DataError as error:
+        raise SystemExit(str(error)) from None
 
 
 def question_of(row: dict, where: str) -> dict:
+    """One question: the row's own "question" and "answer", or a LLaVA record's first user turn (its image
+    placeholder dropped) and the reply to it, parsed by data.parse_record as training parses it."""
+    from data import parse_record
+    from processor import IMAGE_PLACEHOLDER
+
     if not isinstance(row, dict):
         raise SystemExit(f"{where}: not a JSON object")
-    if "conversations" in row:
-        turns = row["conversations"]
-        user = next((t.get("value", t.get("content")) for t in turns if t.get("from", t.get("role")) in
-                     ("human", "user")), None)
-        reply = next((t.get("value", t.get("content")) for t in turns if t.get("from", t.get("role")) in
-                      ("gpt", "assistant")), None)
-        question, answer = (user or "").replace("<image>", "").strip(), reply
+    if row.get("conversations") is not None or row.get("messages") is not None:
+        messages = parse_record(row, where).messages
+        user = next((m["content"] for m in messages if m["role"] == "user"), "")
+        question = user.replace(IMAGE_PLACEHOLDER, "").strip()
+        answer = next((m["content"] for m in messages if m["role"] == "assistant"), None)
     else:
         question, answer = row.get("question"), row.get("answer")
     missing = [k for k, v in (("question", question), ("answer", answer)) if not v]
     if missing:
         raise SystemExit(f"{where}: no {' or '.join(missing)}")
-    extra = {k: v for k, v in row.items() if k != "conversations"}  # e.g. "lang", kept in the predictions
+    # Other fields (e.g. "lang") are kept in the predictions; a column some rows lack reads as None in theirs.
+    extra = {k: v for k, v in row.items() if k not in ("conversations", "messages") and v is not None}
     identifier = next((row[key] for key in ("id", "question_id") if row.get(key) is not None), where)
     return {**extra, "id": identifier, "image": row.get("image"),
             "question": question, "answer": answer,

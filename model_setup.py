@@ -13,6 +13,7 @@ from inference import resolve_dtype, with_max_tiles
 from lora import adapter_parameters, add_adapters, merge_adapters
 from model import VLM, vlm_from_components, vlm_from_preset, vlm_without_weights
 from processor import make_tokenizer
+from settings import LoraSettings, ModelSettings, OptimSettings
 
 MODULE_PREFIXES = {"vision": "vision_model.", "projector": "projector.", "llm": "language_model."}
 
@@ -28,68 +29,73 @@ def autocast_for(dtype: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
 
-def build_model(args, tokenizer_texts=None, weights: bool = True) -> VLM:
+def build_model(settings: ModelSettings, lora: LoraSettings, prompt_format: str, quantization: dict,
+                gradient_checkpointing: bool, tokenizer_texts=None, weights: bool = True) -> VLM:
     """From a VLM checkpoint (--model_path), a named preset (--preset), or two pretrained components; then LoRA
     adapters when asked for and not already there. Without weights (--check_data), a checkpoint or components give
-    their configs and processors only, their parameters on the meta device."""
-    settings = new_model_settings(args)
-    if not weights and not args.preset:
-        where = "--model_path" if args.model_path else "--vision_model / --llm_model"
-        return with_run_settings(loaded(where, args.model_path or f"{args.vision_model}, {args.llm_model}",
-                                        lambda: vlm_without_weights(args.model_path, args.vision_model,
-                                                                    args.llm_model, args.image_size, **settings)),
-                                 args)
-    quantization = quantization_config(args)
-    if args.model_path:
-        model = loaded("--model_path", args.model_path, lambda: VLM.from_pretrained(args.model_path, **quantization))
-    elif args.preset:
-        if args.tokenizer:
-            tokenizer = loaded("--tokenizer", args.tokenizer, lambda: AutoTokenizer.from_pretrained(args.tokenizer))
+    their configs and processors only, their parameters on the meta device. `prompt_format` is the run's (saved in
+    the checkpoints it writes); `quantization` loads the LLM in k-bit (quantization_config), prepared for
+    `gradient_checkpointing` when it is on."""
+    architecture = new_model_settings(settings)
+    if not weights and not settings.preset:
+        where = "--model_path" if settings.model_path else "--vision_model / --llm_model"
+        model = loaded(where, settings.model_path or f"{settings.vision_model}, {settings.llm_model}",
+                       lambda: vlm_without_weights(settings.model_path, settings.vision_model, settings.llm_model,
+                                                   settings.image_size, **architecture))
+        return with_run_settings(model, prompt_format, settings.max_tiles)
+    if settings.model_path:
+        model = loaded("--model_path", settings.model_path,
+                       lambda: VLM.from_pretrained(settings.model_path, **quantization))
+    elif settings.preset:
+        if settings.tokenizer:
+            tokenizer = loaded("--tokenizer", settings.tokenizer,
+                               lambda: AutoTokenizer.from_pretrained(settings.tokenizer))
         else:  # nothing pretrained: a small BPE learnt from the training text itself
-            tokenizer = make_tokenizer(tokenizer_texts(), vocab_size=args.tokenizer_vocab_size)
-        model = vlm_from_preset(args.preset, tokenizer, **settings)
+            tokenizer = make_tokenizer(tokenizer_texts(), vocab_size=settings.tokenizer_vocab_size)
+        model = vlm_from_preset(settings.preset, tokenizer, **architecture)
     else:
-        model = loaded("--vision_model / --llm_model", f"{args.vision_model}, {args.llm_model}",
-                       lambda: vlm_from_components(args.vision_model, args.llm_model, llm_kwargs=quantization,
-                                                   image_size=args.image_size, **settings))
-    if args.merge_loaded_adapters and model.config.lora:
+        model = loaded("--vision_model / --llm_model", f"{settings.vision_model}, {settings.llm_model}",
+                       lambda: vlm_from_components(settings.vision_model, settings.llm_model,
+                                                   llm_kwargs=quantization, image_size=settings.image_size,
+                                                   **architecture))
+    if settings.merge_loaded_adapters and model.config.lora:
         # DPO: the starting model is the reference, and a LoRA SFT checkpoint's adapters are part of it. Switching
         # them off would score the policy against the model before SFT; folded in, "adapters off" is the SFT model.
         if quantization:
-            raise SystemExit(f"--model_path {args.model_path} carries LoRA adapters, which cannot be folded into "
+            raise SystemExit(f"--model_path {settings.model_path} carries LoRA adapters, which cannot be folded into "
                              f"k-bit weights: merge them first (scripts/merge_lora.py) and start from that folder")
         merge_adapters(model)
     if quantization:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    if args.lora and not model.config.lora:
-        add_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target)
-    return with_run_settings(model, args)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if lora.lora and not model.config.lora:
+        add_adapters(model, lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target)
+    return with_run_settings(model, prompt_format, settings.max_tiles)
 
 
-def new_model_settings(args) -> dict:
+def new_model_settings(settings: ModelSettings) -> dict:
     """The architecture flags a new model is built with. A checkpoint keeps the ones it was trained with: changing
     them would feed its trained projector inputs it never saw, so giving them with --model_path is an error."""
-    settings = {"vision_feature_layer": args.vision_feature_layer,
-                "projector_input_norm": args.projector_input_norm,
-                "projector_output_norm": args.projector_output_norm}
-    settings = {key: value for key, value in settings.items() if value is not None}
-    if args.model_path and settings:
-        flags = ", ".join(f"--{key}" for key in settings)
-        raise SystemExit(f"{flags}: set when a model is built (stage 1); {args.model_path} keeps what it was "
+    architecture = {"vision_feature_layer": settings.vision_feature_layer,
+                    "projector_input_norm": settings.projector_input_norm,
+                    "projector_output_norm": settings.projector_output_norm}
+    architecture = {key: value for key, value in architecture.items() if value is not None}
+    if settings.model_path and architecture:
+        flags = ", ".join(f"--{key}" for key in architecture)
+        raise SystemExit(f"{flags}: set when a model is built (stage 1); {settings.model_path} keeps what it was "
                          f"trained with (see its config.json)")
     for key in ("projector_input_norm", "projector_output_norm"):
-        if settings.get(key) == "none":
-            settings[key] = None
-    return settings
+        if architecture.get(key) == "none":
+            architecture[key] = None
+    return architecture
 
 
-def with_run_settings(model: VLM, args) -> VLM:
+def with_run_settings(model: VLM, prompt_format: str, max_tiles: int | None) -> VLM:
     """What this run changes in the model's config, and so in the checkpoints it saves: the tiles and the prompt
     format (stage 1 trains plain, later stages chat)."""
-    model.config.prompt_format = args.prompt_format
-    return with_max_tiles(model, args.max_tiles)
+    model.config.prompt_format = prompt_format
+    return with_max_tiles(model, max_tiles)
 
 
 def loaded(flag: str, source: str, load):
@@ -107,16 +113,16 @@ def loaded(flag: str, source: str, load):
         raise SystemExit(f"{flag} {source}: no such folder (and not a Hugging Face Hub model id)") from None
 
 
-def quantization_config(args) -> dict:
+def quantization_config(lora: LoraSettings, preset: str | None, fsdp: bool) -> dict:
     """k-bit loading of the frozen LLM (QLoRA), with bitsandbytes. What cannot work stops here, before any work."""
-    if not (args.load_in_4bit or args.load_in_8bit):
+    if not (lora.load_in_4bit or lora.load_in_8bit):
         return {}
-    if args.preset:
+    if preset:
         raise SystemExit("--load_in_4bit / --load_in_8bit quantize a pretrained LLM as it loads; a --preset model "
                          "is built with random weights and would train unquantized: give --llm_model or --model_path")
-    if not args.lora:
+    if not lora.lora:
         raise SystemExit("k-bit weights cannot be trained directly: add --lora (QLoRA)")
-    if args.fsdp:
+    if fsdp:
         raise SystemExit("--fsdp does not shard k-bit weights here: use DDP (drop --fsdp) with QLoRA")
     try:
         import bitsandbytes  # noqa: F401  (0.48 and later run on the CPU too)
@@ -125,7 +131,7 @@ def quantization_config(args) -> dict:
     from transformers import BitsAndBytesConfig
 
     return {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, bnb_4bit_quant_type="nf4",
+        load_in_4bit=lora.load_in_4bit, load_in_8bit=lora.load_in_8bit, bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True,
         llm_int8_skip_modules=["vision_model", "projector", "lm_head"])}
 
@@ -180,31 +186,31 @@ def set_train_mode(model: VLM, gradient_checkpointing: bool = False) -> None:
         upstream_trains = upstream_trains or trains
 
 
-def build_optimizer(model: VLM, args) -> torch.optim.Optimizer:
+def build_optimizer(model: VLM, settings: OptimSettings) -> torch.optim.Optimizer:
     """AdamW with one learning rate per module; no weight decay on biases and norms."""
     groups = []
     for key, prefix in MODULE_PREFIXES.items():
-        lr = getattr(args, f"{key}_lr") or args.lr
+        lr = settings.module_lr(key)
         params = [(n, p) for n, p in model.named_parameters() if n.startswith(prefix) and p.requires_grad]
         for suffix, decay in (("", True), ("_no_decay", False)):
             chosen = [p for _, p in params if (p.ndim >= 2) == decay]
             if chosen:
-                groups.append({"params": chosen, "lr": lr, "weight_decay": args.weight_decay if decay else 0.0,
+                groups.append({"params": chosen, "lr": lr, "weight_decay": settings.weight_decay if decay else 0.0,
                                "name": key + suffix})
     if not groups:
         raise ValueError("nothing to train: every module is frozen")
     fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), fused=fused)
+    return torch.optim.AdamW(groups, betas=(settings.adam_beta1, settings.adam_beta2), fused=fused)
 
 
-def build_scheduler(optimizer, args, total_steps: int):
+def build_scheduler(optimizer, settings: OptimSettings, total_steps: int):
     """Linear warmup, then --lr_scheduler_type: cosine or linear to zero, constant, or warmup-stable-decay (the
     peak held until the last --decay_ratio of the steps, then a cosine to zero)."""
-    warmup = args.warmup_steps if args.warmup_steps >= 0 else round(args.warmup_ratio * total_steps)
+    warmup = settings.warmup_steps if settings.warmup_steps >= 0 else round(settings.warmup_ratio * total_steps)
     specific = {}
-    if args.lr_scheduler_type == "warmup_stable_decay":
-        specific = {"num_decay_steps": round(args.decay_ratio * total_steps)}
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+    if settings.lr_scheduler_type == "warmup_stable_decay":
+        specific = {"num_decay_steps": round(settings.decay_ratio * total_steps)}
+    return get_scheduler(settings.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=specific)
 
 

@@ -43,16 +43,17 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start
 
 
-def build_loader(dataset, sampler: ResumableSampler, collate_fn, args, runtime: Runtime):
+def build_loader(dataset, sampler: ResumableSampler, collate_fn, batch_size: int, num_workers: int, seed: int,
+                 runtime: Runtime):
     # The loader's own generator: starting an iterator draws a worker seed, which would otherwise come from the
     # global RNG and shift every dropout mask after a resume (which starts one iterator more than the whole run).
     # Persistent workers: a worker forked anew at each epoch shares the whole trained process copy-on-write, so every
     # page the training step writes is copied while it lives (on CPU, twice the memory from epoch 2 on), and each
     # fork stalls the step that waits for it.
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
-                                       num_workers=args.num_workers, pin_memory=runtime.device.type == "cuda",
-                                       persistent_workers=args.num_workers > 0,
-                                       generator=torch.Generator().manual_seed(args.seed + runtime.rank))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                                       num_workers=num_workers, pin_memory=runtime.device.type == "cuda",
+                                       persistent_workers=num_workers > 0,
+                                       generator=torch.Generator().manual_seed(seed + runtime.rank))
 
 
 class BatchStream:

@@ -36,6 +36,7 @@ from model_setup import (MODULE_PREFIXES, autocast_for, build_model, build_optim
                          set_trainable, trainable_parameters)
 from processor import IGNORE_INDEX, VLMProcessor
 from sampler import BatchStream, ResumableSampler, build_loader
+from settings import DataSettings, EvalSettings, LogSettings, RunSettings, StageSettings
 
 
 class Objective(Protocol):
@@ -71,11 +72,12 @@ class HeldOutEvaluation:
     the saved checkpoint (in the same precision). The file and its images are read when the run starts: a problem
     stops it before step 1. The main process evaluates; the others wait."""
 
-    def __init__(self, args, runtime: Runtime):
-        self.every, self.output_dir, self.runtime = args.eval_steps, args.output_dir, runtime
-        self.batch_size, self.max_new_tokens = args.eval_batch_size, args.eval_max_new_tokens
-        self.questions = HeldOutQuestions(args.eval_data_path, args.eval_image_dir or args.image_dir)
-        if args.fsdp and runtime.distributed:
+    def __init__(self, settings: EvalSettings, image_dir: str | None, output_dir: str, fsdp: bool,
+                 runtime: Runtime):
+        self.every, self.output_dir, self.runtime = settings.eval_steps, output_dir, runtime
+        self.batch_size, self.max_new_tokens = settings.eval_batch_size, settings.eval_max_new_tokens
+        self.questions = HeldOutQuestions(settings.eval_data_path, settings.eval_image_dir or image_dir)
+        if fsdp and runtime.distributed:
             raise SystemExit("--eval_data_path with --fsdp: generation on one rank cannot run a sharded model; "
                              "evaluate the saved model with eval_vlm.py instead")
 
@@ -126,16 +128,17 @@ class MetricLogger:
     carries its wall-clock `time` and the seconds since its process started (`run_seconds`), so that a learning
     curve can put the stages of a job, start-ups included, on one time axis (scripts/plot_curve.py)."""
 
-    def __init__(self, args, runtime: Runtime, total_steps: int, start_step: int, process_started: float):
+    def __init__(self, settings: LogSettings, output_dir: str, config: dict, runtime: Runtime, total_steps: int,
+                 start_step: int, process_started: float):
         self.enabled = runtime.is_main
-        self.path = os.path.join(args.output_dir, "log.jsonl")
+        self.path = os.path.join(output_dir, "log.jsonl")
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.enabled, desc="train",
                         dynamic_ncols=True)
         self.wandb = None
-        if self.enabled and args.wandb_project:
+        if self.enabled and settings.wandb_project:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args),
+            self.wandb = wandb.init(project=settings.wandb_project, name=settings.wandb_run_name, config=config,
                                     resume="allow")
         self.process_started = process_started
 
@@ -195,43 +198,45 @@ class Run:
                 "run_shape": self.run_shape}
 
 
-def start_run(args, runtime: Runtime, model: VLM, dataset, objective: Objective, collate_fn) -> Run:
+def start_run(settings: StageSettings, runtime: Runtime, model: VLM, dataset, objective: Objective,
+              collate_fn) -> Run:
     """Everything before the first step: the model on its device, the batch order, the objective's set-up (DPO's
     reference is the starting model), sharding or DDP, the optimizer and schedule, and the newest checkpoint when
     --resume is given."""
+    run_cfg, data = settings.run, settings.data
     model.to(runtime.device)
-    if args.gradient_checkpointing:
+    if run_cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    amp_dtype = resolve_dtype(args.dtype, runtime.device)
-    autocast = autocast_for(args.dtype, runtime.device)
+    amp_dtype = resolve_dtype(run_cfg.dtype, runtime.device)
+    autocast = autocast_for(run_cfg.dtype, runtime.device)
     grouping = {}
-    if args.group_by_length:
+    if data.group_by_length:
         # 64 batches per group: batches of near-equal length, and a group still spans many kinds of sample.
         grouping = {"lengths": [dataset.length_estimate(i) for i in range(len(dataset))],
-                    "group_size": 64 * args.batch_size, "batch_size": args.batch_size}
-    sampler = ResumableSampler(dataset, runtime, args.seed, **grouping)
-    loader = build_loader(dataset, sampler, collate_fn, args, runtime)
-    batches_per_epoch = math.ceil(sampler.num_samples / args.batch_size)
-    steps_per_epoch = max(1, batches_per_epoch // args.grad_accum)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_epochs * steps_per_epoch)
+                    "group_size": 64 * run_cfg.batch_size, "batch_size": run_cfg.batch_size}
+    sampler = ResumableSampler(dataset, runtime, run_cfg.seed, **grouping)
+    loader = build_loader(dataset, sampler, collate_fn, run_cfg.batch_size, data.num_workers, run_cfg.seed, runtime)
+    batches_per_epoch = math.ceil(sampler.num_samples / run_cfg.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // run_cfg.grad_accum)
+    total_steps = run_cfg.max_steps if run_cfg.max_steps > 0 else math.ceil(run_cfg.num_epochs * steps_per_epoch)
     objective.prepare(model, dataset, runtime, collate_fn, autocast)  # before sharding and resuming
-    if args.fsdp and runtime.distributed:
+    if run_cfg.fsdp and runtime.distributed:
         shard_model(model)
-    if args.compile:
+    if run_cfg.compile:
         compile_blocks(model)
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, total_steps)
+    optimizer = build_optimizer(model, settings.optimizer)
+    scheduler = build_scheduler(optimizer, settings.optimizer, total_steps)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=amp_dtype == torch.float16)
-    run_shape = {"world_size": runtime.world_size, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-                 "seed": args.seed, "group_by_length": args.group_by_length, "total_steps": total_steps,
-                 "lr_scheduler_type": args.lr_scheduler_type}
+    run_shape = {"world_size": runtime.world_size, "batch_size": run_cfg.batch_size, "grad_accum": run_cfg.grad_accum,
+                 "seed": run_cfg.seed, "group_by_length": data.group_by_length, "total_steps": total_steps,
+                 "lr_scheduler_type": settings.optimizer.lr_scheduler_type}
 
-    step, stream = 0, BatchStream(loader, sampler, args.batch_size)
-    state = resume_latest(args.output_dir, run_shape, model, optimizer, scheduler, scaler, runtime) \
-        if args.resume else None
+    step, stream = 0, BatchStream(loader, sampler, run_cfg.batch_size)
+    state = resume_latest(run_cfg.output_dir, run_shape, model, optimizer, scheduler, scaler, runtime) \
+        if settings.log.resume else None
     if state is not None:
         step = state["step"]
-        stream = BatchStream(loader, sampler, args.batch_size, state["epoch"], state["batch_in_epoch"])
+        stream = BatchStream(loader, sampler, run_cfg.batch_size, state["epoch"], state["batch_in_epoch"])
 
     wrapped, reach = model, None
     if runtime.distributed:
@@ -243,16 +248,16 @@ def start_run(args, runtime: Runtime, model: VLM, dataset, objective: Objective,
             wrapped = DistributedDataParallel(
                 model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
                 find_unused_parameters=any(p.requires_grad for p in model.vision_model.parameters()))
-    set_train_mode(model, args.gradient_checkpointing)
+    set_train_mode(model, run_cfg.gradient_checkpointing)
     return Run(model, wrapped, optimizer, scheduler, scaler, stream, step, total_steps, batches_per_epoch, run_shape,
                autocast, amp_dtype, reach, list(trainable_parameters(model).values()))
 
 
-def optimizer_step(run: Run, objective: Objective, args, runtime: Runtime) -> dict:
+def optimizer_step(run: Run, objective: Objective, settings: StageSettings, runtime: Runtime) -> dict:
     """One optimizer step over --grad_accum micro-batches; returns what is logged for it."""
     started = time.perf_counter()
     model, is_sharded = run.model, sharded(run.model)
-    micro_batches = [run.stream.next() for _ in range(args.grad_accum)]
+    micro_batches = [run.stream.next() for _ in range(settings.run.grad_accum)]
     # Every token of the optimizer step weighs the same, whichever micro-batch or rank it sits in: divide each
     # micro-batch's summed loss by the step's global count. (DDP averages gradients over ranks, hence the factor
     # world_size.)
@@ -278,15 +283,15 @@ def optimizer_step(run: Run, objective: Objective, args, runtime: Runtime) -> di
         for name, value in metrics.items():
             metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
     run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm if args.max_grad_norm > 0
-                                               else float("inf"))
+    max_norm = settings.optimizer.max_grad_norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm > 0 else float("inf"))
     reduced = all_reduce_sum(torch.stack([step_loss, *metric_sums.values()]), runtime) / max(num_items, 1)
     if not torch.isfinite(reduced[0]) or (run.amp_dtype != torch.float16 and not torch.isfinite(grad_norm)):
         raise FloatingPointError(
             f"step {run.step + 1}: loss {reduced[0].item()} / grad norm {grad_norm.item()} is not finite; "
-            f"stopping without saving. The last good checkpoint stays in {args.output_dir}. Try "
+            f"stopping without saving. The last good checkpoint stays in {settings.run.output_dir}. Try "
             f"--dtype bf16 (or fp32), a lower --lr, or check the data of this step")
-    lrs = learning_rates(run.optimizer, run.scheduler, args.lr)
+    lrs = learning_rates(run.optimizer, run.scheduler, settings.optimizer.lr)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -297,7 +302,7 @@ def optimizer_step(run: Run, objective: Objective, args, runtime: Runtime) -> di
     return {"loss": reduced[0].item(), **lrs, "grad_norm": grad_norm.item(),
             "epoch": run.stream.epoch + run.stream.batch_in_epoch / run.batches_per_epoch,
             "supervised_tokens": int(num_items), "tokens_per_s": num_tokens / elapsed,
-            "samples_per_s": args.batch_size * args.grad_accum * runtime.world_size / elapsed,
+            "samples_per_s": settings.run.batch_size * settings.run.grad_accum * runtime.world_size / elapsed,
             "peak_memory_gb": peak_memory_gb(runtime.device),
             **{name: value.item() for name, value in zip(metric_sums, reduced[1:])}}
 
@@ -311,82 +316,89 @@ def learning_rates(optimizer, scheduler, base_lr: float) -> dict:
     return {"lr": base_lr * factor, **own}
 
 
-def train(args, runtime: Runtime, model: VLM, dataset, objective: Objective, collate_fn,
+def train(settings: StageSettings, runtime: Runtime, model: VLM, dataset, objective: Objective, collate_fn,
           evaluation: HeldOutEvaluation | None = None, process_started: float | None = None) -> None:
     """Run the optimizer steps asked for: each step, then its log line, its checkpoint and its held-out evaluation
     when they are due."""
-    run = start_run(args, runtime, model, dataset, objective, collate_fn)
-    logger = MetricLogger(args, runtime, run.total_steps, run.step, process_started or time.time())
+    run = start_run(settings, runtime, model, dataset, objective, collate_fn)
+    log, output_dir = settings.log, settings.run.output_dir
+    logger = MetricLogger(log, output_dir, settings.flat(), runtime, run.total_steps, run.step,
+                          process_started or time.time())
     try:
         while run.step < run.total_steps:
-            record = optimizer_step(run, objective, args, runtime)
+            record = optimizer_step(run, objective, settings, runtime)
             step, last = run.step, run.step == run.total_steps
-            logger.log(step, record, write=step % args.logging_steps == 0 or last)
-            if args.save_steps > 0 and (step % args.save_steps == 0 or last):
-                save_checkpoint(args.output_dir, step, model, run.optimizer, run.scheduler, run.scaler,
-                                run.checkpoint_state(), runtime, args.save_total_limit)
+            logger.log(step, record, write=step % log.logging_steps == 0 or last)
+            if log.save_steps > 0 and (step % log.save_steps == 0 or last):
+                save_checkpoint(output_dir, step, model, run.optimizer, run.scheduler, run.scaler,
+                                run.checkpoint_state(), runtime, log.save_total_limit)
             if evaluation is not None and evaluation.due(step, run.total_steps):
                 logger.log_eval(step, evaluation(model, step, run.total_steps, run.autocast))
-                set_train_mode(model, args.gradient_checkpointing)
+                set_train_mode(model, settings.run.gradient_checkpointing)
     finally:
         logger.close()
         if run.reach is not None:  # the trained model goes back as it came
             run.reach.hook.remove()
 
 
-def build_conversation_dataset(args, processor: VLMProcessor, validate: bool = True,
+def build_conversation_dataset(data: DataSettings, processor: VLMProcessor, validate: bool = True,
                                scan: ScanPlan | None = None) -> ConversationDataset:
-    return ConversationDataset(args.data_path, processor, args.image_dir, args.skip_bad_samples, validate, scan=scan)
+    return ConversationDataset(data.data_path, processor, data.image_dir, data.skip_bad_samples, validate, scan=scan)
 
 
-def scan_plan(args, runtime: Runtime) -> ScanPlan:
+def scan_plan(num_workers: int, output_dir: str, runtime: Runtime) -> ScanPlan:
     """The start-up scan shared over the ranks and their loader workers, its result kept in the output folder for
     a resume (it is keyed by the data files, so changed data is scanned again)."""
-    return ScanPlan(runtime.rank, runtime.world_size, args.num_workers, partial(gathered, runtime=runtime),
-                    os.path.join(args.output_dir, "data_scan.json"), partial(from_main, runtime=runtime))
+    return ScanPlan(runtime.rank, runtime.world_size, num_workers, partial(gathered, runtime=runtime),
+                    os.path.join(output_dir, "data_scan.json"), partial(from_main, runtime=runtime))
 
 
-def run_stage(args, build_dataset=build_conversation_dataset, objective: Objective | None = None,
+def run_stage(settings: StageSettings, build_dataset=build_conversation_dataset, objective: Objective | None = None,
               collate_fn=collate) -> VLM | None:
     """Everything a stage script does after parsing its flags: build, check or train, save."""
-    quantization_config(args)  # a k-bit request on a machine that cannot serve it stops here, before any work
-    if args.wandb_project:
+    model_settings, data, run_cfg = settings.model, settings.data, settings.run
+    # A k-bit request on a machine that cannot serve it stops here, before any work.
+    quantization = quantization_config(settings.lora, model_settings.preset, run_cfg.fsdp)
+    if settings.log.wandb_project:
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise SystemExit("--wandb_project logs to Weights & Biases, which is not installed: pip install wandb") \
                 from None
     process_started = time.time()
-    runtime = setup_runtime(args.device)
-    seed_everything(args.seed)
+    runtime = setup_runtime(run_cfg.device)
+    seed_everything(run_cfg.seed)
     torch.set_float32_matmul_precision("high")
     if runtime.is_main:
-        os.makedirs(args.output_dir, exist_ok=True)
-    texts = partial(training_texts, args.data_path)  # a preset learns its tokenizer from them
-    if args.check_data:  # the tokenizer, image processor and geometry: no weights are loaded
-        model = build_model(args, tokenizer_texts=texts, weights=False)
-        dataset = build_dataset(args, VLMProcessor.from_model(model, args.max_length), validate=False)
-        return report_data_check(dataset, args.num_workers)
+        os.makedirs(run_cfg.output_dir, exist_ok=True)
+    model_build = partial(build_model, model_settings, settings.lora, data.prompt_format, quantization,
+                          run_cfg.gradient_checkpointing,
+                          tokenizer_texts=partial(training_texts, data.data_path))  # a preset learns its tokenizer
+    if data.check_data:  # the tokenizer, image processor and geometry: no weights are loaded
+        model = model_build(weights=False)
+        dataset = build_dataset(data, VLMProcessor.from_model(model, data.max_length), validate=False)
+        return report_data_check(dataset, data.num_workers)
     # The held-out questions and their images are read first: a broken file stops the run before any work.
-    evaluation = HeldOutEvaluation(args, runtime) if args.eval_data_path else None
-    model = build_model(args, tokenizer_texts=texts)
-    set_trainable(model, args.train_vision, args.train_projector, args.train_llm, args.llm_frozen_layers)
-    processor = VLMProcessor.from_model(model, args.max_length)
-    dataset = build_dataset(args, processor, scan=scan_plan(args, runtime))
-    autocast = autocast_for(args.dtype, runtime.device)
-    if args.cache_vision_features:
-        attach_feature_cache(model, dataset, args.cache_vision_features, runtime, args.batch_size, args.num_workers,
+    evaluation = (HeldOutEvaluation(settings.eval, data.image_dir, run_cfg.output_dir, run_cfg.fsdp, runtime)
+                  if settings.eval.eval_data_path else None)
+    model = model_build()
+    set_trainable(model, run_cfg.train_vision, run_cfg.train_projector, run_cfg.train_llm, run_cfg.llm_frozen_layers)
+    processor = VLMProcessor.from_model(model, data.max_length)
+    dataset = build_dataset(data, processor, scan=scan_plan(data.num_workers, run_cfg.output_dir, runtime))
+    autocast = autocast_for(run_cfg.dtype, runtime.device)
+    if data.cache_vision_features:
+        attach_feature_cache(model, dataset, data.cache_vision_features, runtime, run_cfg.batch_size, data.num_workers,
                              autocast)
-    if model.config.projector_input_norm == "whiten" and not args.model_path:  # a new projector: fit it once
-        fit_projector_whitening(model, dataset, runtime, args.batch_size, args.num_workers, autocast)
+    if model.config.projector_input_norm == "whiten" and not model_settings.model_path:  # a new projector: fit it
+        fit_projector_whitening(model, dataset, runtime, run_cfg.batch_size, data.num_workers, autocast)
     if runtime.is_main:
-        describe_run(model, dataset, runtime, args)
-    packing = {"pack_length": args.max_length} if args.packing else {}
-    train(args, runtime, model, dataset, objective or LanguageModelingObjective(),
+        describe_run(model, dataset, runtime, run_cfg)
+    packing = {"pack_length": data.max_length} if data.packing else {}
+    train(settings, runtime, model, dataset, objective or LanguageModelingObjective(),
           partial(collate_fn, pad_token_id=processor.pad_token_id, **packing), evaluation, process_started)
-    save_final_model(model, args.output_dir, runtime)
+    save_final_model(model, run_cfg.output_dir, runtime)
     if runtime.is_main:
-        print(f"saved the final model to {args.output_dir}")
+        print(f"saved the final model to {run_cfg.output_dir}")
     barrier(runtime)
     if runtime.distributed:
         dist.destroy_process_group()
@@ -401,7 +413,7 @@ def training_texts(paths: list[str]):
                 yield message["content"]
 
 
-def describe_run(model: VLM, dataset, runtime: Runtime, args) -> None:
+def describe_run(model: VLM, dataset, runtime: Runtime, run: RunSettings) -> None:
     counts = {key: (sum(p.numel() for p in module_of(model, key).parameters()),
                     sum(p.numel() for p in module_of(model, key).parameters() if p.requires_grad))
               for key in MODULE_PREFIXES}
@@ -410,9 +422,9 @@ def describe_run(model: VLM, dataset, runtime: Runtime, args) -> None:
     tiles = model.config.max_tiles
     per = "image" if tiles == 1 else f"view (up to {tiles} tiles + a global view per image)"
     print(f"model: {parts}; {model.config.num_image_tokens} image tokens per {per}")
-    print(f"data: {len(dataset)} samples; {runtime.world_size} process(es) x batch {args.batch_size} x "
-          f"accumulation {args.grad_accum} on {runtime.device}")
-    print(f"precision: {describe_precision(args.dtype, runtime.device)}")
+    print(f"data: {len(dataset)} samples; {runtime.world_size} process(es) x batch {run.batch_size} x "
+          f"accumulation {run.grad_accum} on {runtime.device}")
+    print(f"precision: {describe_precision(run.dtype, runtime.device)}")
 
 
 def report_data_check(dataset: ConversationDataset, workers: int) -> None:

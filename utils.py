@@ -83,45 +83,50 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
              help="frozen tower only: encode every image once (fp16 on disk, memory-mapped) and train from the "
                   "cache in every epoch; reused while the tower and data are unchanged")
 
-    train = parser.add_argument_group("optimisation")
-    train.add_argument("--output_dir", required=True, help="checkpoints, log.jsonl and the final model go here")
-    train.add_argument("--num_epochs", type=float, default=1.0, help="passes over the data (if --max_steps <= 0)")
-    train.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_epochs if > 0")
-    train.add_argument("--batch_size", type=int, default=8, help="samples per device per micro-batch")
-    train.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--lr", type=float, default=2e-5, help="learning rate of every module without its own")
-    train.add_argument("--projector_lr", type=float, default=None, help="projector learning rate (default --lr)")
-    train.add_argument("--llm_lr", type=float, default=None, help="LLM learning rate (default --lr)")
-    train.add_argument("--vision_lr", type=float, default=None, help="vision tower learning rate (default --lr)")
-    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
-    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    train.add_argument("--lr_scheduler_type", default="cosine",
-                       choices=["cosine", "linear", "constant_with_warmup", "warmup_stable_decay"],
-                       help="learning-rate schedule after the warmup (transformers' get_scheduler); "
-                            "warmup_stable_decay holds the peak and decays over the last --decay_ratio of the steps")
-    train.add_argument("--decay_ratio", type=float, default=0.2,
-                       help="warmup_stable_decay: share of the steps spent decaying to zero (cosine)")
-    train.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warmup, as a share of all steps")
-    train.add_argument("--warmup_steps", type=int, default=-1, help="linear warmup steps; overrides the ratio")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (<= 0: off)")
-    train.add_argument("--train_vision", action=on_off, default=False, help="train the vision tower")
-    train.add_argument("--train_projector", action=on_off, default=True, help="train the projector")
-    train.add_argument("--train_llm", action=on_off, default=True, help="train the language model")
-    train.add_argument("--llm_frozen_layers", type=int, default=0,
-                       help="with --train_llm: keep the LLM's input embeddings (and an output head tied to them) "
-                            "and its first N blocks frozen; their weight gradients and updates are skipped")
-    train.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
-    train.add_argument("--compile", action="store_true",
-                       help="torch.compile each transformer block (the first steps are slower while it compiles)")
-    train.add_argument("--fsdp", action="store_true",
-                       help="under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of "
-                            "replicating them with DDP (same results, less memory per GPU)")
-    train.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU "
-                            "bf16 where it measures clearly faster than fp32, else fp32 (the choice is printed)")
-    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
-    train.add_argument("--seed", type=int, default=42, help="seeds initialisation and data order")
+    run = parser.add_argument_group("run: its length and batch, what trains, where and in what precision")
+    run.add_argument("--output_dir", required=True, help="checkpoints, log.jsonl and the final model go here")
+    run.add_argument("--num_epochs", type=float, default=1.0, help="passes over the data (if --max_steps <= 0)")
+    run.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_epochs if > 0")
+    run.add_argument("--batch_size", type=int, default=8, help="samples per device per micro-batch")
+    run.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--train_vision", action=on_off, default=False, help="train the vision tower")
+    run.add_argument("--train_projector", action=on_off, default=True,
+                     help="train the projector (DPO: on unless --lora, whose reference is the model without its "
+                          "adapters)")
+    run.add_argument("--train_llm", action=on_off, default=True, help="train the language model")
+    run.add_argument("--llm_frozen_layers", type=int, default=0,
+                     help="with --train_llm: keep the LLM's input embeddings (and an output head tied to them) "
+                          "and its first N blocks frozen; their weight gradients and updates are skipped")
+    run.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile each transformer block (the first steps are slower while it compiles)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun, shard parameters, gradients and optimizer state with FSDP2 instead of "
+                          "replicating them with DDP (same results, less memory per GPU)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                     help="autocast dtype; auto: bf16 on GPUs that have it, else fp16 with loss scaling; on a CPU "
+                          "bf16 where it measures clearly faster than fp32, else fp32 (the choice is printed)")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
+    run.add_argument("--seed", type=int, default=42, help="seeds initialisation and data order")
+
+    optimizer = parser.add_argument_group("optimizer: AdamW, a learning rate per module, the schedule")
+    optimizer.add_argument("--lr", type=float, default=2e-5, help="learning rate of every module without its own")
+    optimizer.add_argument("--projector_lr", type=float, default=None, help="projector learning rate (default --lr)")
+    optimizer.add_argument("--llm_lr", type=float, default=None, help="LLM learning rate (default --lr)")
+    optimizer.add_argument("--vision_lr", type=float, default=None, help="vision tower learning rate (default --lr)")
+    optimizer.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (matrices only)")
+    optimizer.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    optimizer.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    optimizer.add_argument("--lr_scheduler_type", default="cosine",
+                           choices=["cosine", "linear", "constant_with_warmup", "warmup_stable_decay"],
+                           help="learning-rate schedule after the warmup (transformers' get_scheduler); "
+                                "warmup_stable_decay holds the peak and decays over the last --decay_ratio of the "
+                                "steps")
+    optimizer.add_argument("--decay_ratio", type=float, default=0.2,
+                           help="warmup_stable_decay: share of the steps spent decaying to zero (cosine)")
+    optimizer.add_argument("--warmup_ratio", type=float, default=0.03, help="linear warmup, as a share of all steps")
+    optimizer.add_argument("--warmup_steps", type=int, default=-1, help="linear warmup steps; overrides the ratio")
+    optimizer.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (<= 0: off)")
 
     lora = parser.add_argument_group("LoRA and k-bit (QLoRA)")
     lora.add_argument("--lora", action="store_true",
@@ -157,18 +162,17 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
     ckpt.add_argument("--wandb_project", default=None, help="log to this Weights & Biases project (off if unset)")
     ckpt.add_argument("--wandb_run_name", default=None, help="Weights & Biases run name")
 
-    # Stages that need their starting model whole (DPO: it is also the reference) fold a checkpoint's adapters in.
-    parser.set_defaults(**{"merge_loaded_adapters": False, **defaults})
+    parser.set_defaults(**defaults)
     return parser
 
 
-def run_stage_from_args(args, **stage):
-    """Run the stage and return its trained model; a problem with the user's data ends in one line naming file,
-    sample and problem, exit 1."""
+def run_stage_from_args(settings, **stage):
+    """Run the stage (its settings.StageSettings) and return its trained model; a problem with the user's data ends
+    in one line naming file, sample and problem, exit 1."""
     from processor import DataError
     from training import run_stage
 
     try:
-        return run_stage(args, **stage)
+        return run_stage(settings, **stage)
     except DataError as error:  # the start-up scan's report is several lines (every bad sample, then what to do)
         raise SystemExit(f"error: {str(error).strip()}") from None

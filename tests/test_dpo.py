@@ -146,9 +146,10 @@ def test_reference_stays_bit_identical_and_precompute_equals_online(tmp_path, st
     path, image_dir = pair_records(str(tmp_path / "data"))
     initial = VLM.from_pretrained(str(start)).state_dict()
     parser_args = ["--max_steps", "3", "--lr", "1e-3", "--warmup_steps", "0"]
-    args = dpo_train.parse_args(dpo_args(path, image_dir, start, tmp_path / "online", *parser_args))
-    objective = DPOObjective(args)
-    run_stage(args, build_dataset=dpo_train.build_preference_dataset, objective=objective, collate_fn=collate_pairs)
+    settings = dpo_train.parse_args(dpo_args(path, image_dir, start, tmp_path / "online", *parser_args))
+    objective = DPOObjective.from_settings(settings)
+    run_stage(settings, build_dataset=dpo_train.build_preference_dataset, objective=objective,
+              collate_fn=collate_pairs)
     for name, tensor in objective.reference.state_dict().items():
         assert torch.equal(tensor.cpu(), initial[name]), name
     assert all(not p.requires_grad for p in objective.reference.parameters())

@@ -102,17 +102,17 @@ def test_lora_train_resume_load_and_merge(tmp_path, start, stage, capsys):
 
 def test_dpo_reference_without_adapters_equals_a_frozen_copy(tmp_path, start):
     path, image_dir = pair_records(str(tmp_path / "data"), 4)
-    args = dpo_train.parse_args(args_for((path, image_dir), start, tmp_path / "out"))
+    settings = dpo_train.parse_args(args_for((path, image_dir), start, tmp_path / "out"))
     model = VLM.from_pretrained(str(start))
     add_adapters(model, 4, 8, 0.0)
     from model_setup import set_trainable
 
-    set_trainable(model, vision=False, projector=args.train_projector, llm=True)
-    assert args.train_projector is False  # LoRA DPO keeps the projector: the adapter-free model is the reference
+    set_trainable(model, vision=False, projector=settings.run.train_projector, llm=True)
+    assert settings.run.train_projector is False  # LoRA DPO keeps the projector: the adapter-free model is the reference
     with torch.no_grad():
         for p in adapter_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.05)
-    objective = DPOObjective(args)
+    objective = DPOObjective.from_settings(settings)
     from data import ConversationDataset, parse_preference_record
     from processor import VLMProcessor
 

@@ -1,7 +1,6 @@
 """The shared training loop: loss normalisation, DDP equivalence, exact resume after SIGKILL, frozen modules,
 checkpoints, the NaN guard and the stage scripts' command lines."""
 
-import argparse
 import json
 import os
 import shutil
@@ -9,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ import sft_train
 from data import collate, parse_record
 from model import VLM
 from processor import DataError, VLMProcessor, make_tokenizer
+from settings import StageSettings
 from checkpoints import list_checkpoints
 from training import LanguageModelingObjective, run_stage
 
@@ -34,6 +35,13 @@ def common_args(data, out, *extra):
     path, image_dir = data
     return ["--data_path", path, "--image_dir", image_dir, "--output_dir", str(out), "--num_workers", "0",
             "--logging_steps", "1", "--lr", "1e-3", "--dtype", "fp32", *extra]
+
+
+def sft_settings(*flags) -> StageSettings:
+    """Settings from the shared stage flags (a data path and an output folder filled in when not given)."""
+    required = [] if "--data_path" in flags else ["--data_path", "x", "--output_dir", "y"]
+    args = sft_train.stage_parser("t").parse_args([*required, *flags])
+    return StageSettings.from_args(args, merge_loaded_adapters=False)
 
 
 def read_log(out) -> dict[int, dict]:
@@ -313,19 +321,18 @@ def test_the_log_gives_the_lr_schedule_of_lr_and_of_each_module_with_its_own(toy
 
     model = tiny_vlm(toy_tokenizer)
     set_trainable(model, vision=False, projector=True, llm=True)
-    args = sft_train.stage_parser("t").parse_args(["--data_path", "x", "--output_dir", "y", "--lr", "1e-4",
-                                                  "--projector_lr", "1e-3", "--warmup_steps", "4",
-                                                  "--lr_scheduler_type", "constant_with_warmup"])
-    optimizer = build_optimizer(model, args)
+    settings = sft_settings("--lr", "1e-4", "--projector_lr", "1e-3", "--warmup_steps", "4",
+                            "--lr_scheduler_type", "constant_with_warmup").optimizer
+    optimizer = build_optimizer(model, settings)
     assert optimizer.param_groups[0]["name"] == "projector"
-    scheduler = build_scheduler(optimizer, args, total_steps=10)
+    scheduler = build_scheduler(optimizer, settings, total_steps=10)
     for _ in range(2):
         optimizer.step()
         scheduler.step()
-    assert learning_rates(optimizer, scheduler, args.lr) == pytest.approx({"lr": 5e-5, "lr_projector": 5e-4})
-    args.projector_lr = None
-    same = build_optimizer(model, args)
-    assert learning_rates(same, build_scheduler(same, args, total_steps=10), args.lr) == {"lr": 0.0}
+    assert learning_rates(optimizer, scheduler, settings.lr) == pytest.approx({"lr": 5e-5, "lr_projector": 5e-4})
+    settings = replace(settings, projector_lr=None)
+    same = build_optimizer(model, settings)
+    assert learning_rates(same, build_scheduler(same, settings, total_steps=10), settings.lr) == {"lr": 0.0}
 
 
 def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
@@ -333,24 +340,23 @@ def test_each_module_gets_its_own_learning_rate(toy_tokenizer):
 
     model = tiny_vlm(toy_tokenizer)
     set_trainable(model, vision=True, projector=True, llm=True)
-    args = sft_train.stage_parser("t").parse_args(["--data_path", "x", "--output_dir", "y", "--lr", "1e-5",
-                                                  "--projector_lr", "1e-3", "--weight_decay", "0.1"])
-    groups = {g["name"]: g for g in build_optimizer(model, args).param_groups}
+    settings = sft_settings("--lr", "1e-5", "--projector_lr", "1e-3", "--weight_decay", "0.1").optimizer
+    groups = {g["name"]: g for g in build_optimizer(model, settings).param_groups}
     assert groups["projector"]["lr"] == 1e-3 and groups["llm"]["lr"] == groups["vision"]["lr"] == 1e-5
     assert groups["llm"]["weight_decay"] == 0.1 and groups["llm_no_decay"]["weight_decay"] == 0.0
     grouped = sum(len(g["params"]) for g in groups.values())
     assert grouped == sum(1 for p in model.parameters() if p.requires_grad)
     set_trainable(model, vision=False, projector=True, llm=False)
-    assert {g["name"] for g in build_optimizer(model, args).param_groups} == {"projector", "projector_no_decay"}
+    assert {g["name"] for g in build_optimizer(model, settings).param_groups} == {"projector", "projector_no_decay"}
 
 
 def test_frozen_lower_llm_layers_get_no_gradient_and_the_projector_still_does(toy_tokenizer):
     from model_setup import build_optimizer, set_trainable, transformer_blocks
 
     model = tiny_vlm(toy_tokenizer).train()
-    args = sft_train.stage_parser("t").parse_args(["--data_path", "x", "--output_dir", "y",
-                                                  "--llm_frozen_layers", "1"])
-    set_trainable(model, args.train_vision, args.train_projector, args.train_llm, args.llm_frozen_layers)
+    settings = sft_settings("--llm_frozen_layers", "1")
+    run = settings.run
+    set_trainable(model, run.train_vision, run.train_projector, run.train_llm, run.llm_frozen_layers)
     blocks = transformer_blocks(model, model.language_model)
     frozen = [model.language_model.get_input_embeddings(), blocks[0]]
     assert not any(p.requires_grad for module in frozen for p in module.parameters())
@@ -362,7 +368,7 @@ def test_frozen_lower_llm_layers_get_no_gradient_and_the_projector_still_does(to
     model(input_ids=input_ids, pixel_values=pixels, labels=labels).loss.backward()
     assert all(p.grad is None for module in frozen for p in module.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
-    trained = {id(p) for group in build_optimizer(model, args).param_groups for p in group["params"]}
+    trained = {id(p) for group in build_optimizer(model, settings.optimizer).param_groups for p in group["params"]}
     assert not trained & {id(p) for module in frozen for p in module.parameters()}
     with pytest.raises(SystemExit, match=f"--llm_frozen_layers {len(blocks) + 1}: the LLM has {len(blocks)} blocks"):
         set_trainable(model, False, True, True, len(blocks) + 1)
@@ -384,8 +390,8 @@ def test_loader_workers_live_across_epochs():
 
     dataset = WorkerPids()
     sampler = ResumableSampler(dataset, Runtime(), seed=0)
-    args = argparse.Namespace(batch_size=4, num_workers=1, seed=0)
-    stream = BatchStream(build_loader(dataset, sampler, torch.tensor, args, Runtime()), sampler, batch_size=4)
+    loader = build_loader(dataset, sampler, torch.tensor, batch_size=4, num_workers=1, seed=0, runtime=Runtime())
+    stream = BatchStream(loader, sampler, batch_size=4)
     pids = {int(pid) for _ in range(6) for pid in stream.next()}  # three epochs of two batches
     assert stream.epoch == 2 and len(pids) == 1 and pids != {os.getpid()}
 
@@ -485,11 +491,10 @@ def test_a_corrupt_image_found_in_a_loader_worker_is_raised_as_it_was(tmp_path, 
     path, image_dir = write_llava_json(str(tmp_path / "data"), 4)
     with open(os.path.join(image_dir, "2.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    args = sft_train.stage_parser("t").parse_args(common_args(
-        (path, image_dir), tmp_path / "out", "--preset", "tiny", "--max_steps", "2", "--batch_size", "4",
-        "--num_workers", str(workers)))
+    settings = sft_settings(*common_args((path, image_dir), tmp_path / "out", "--preset", "tiny", "--max_steps", "2",
+                                         "--batch_size", "4", "--num_workers", str(workers)))
     with pytest.raises(DataError) as error:
-        run_stage(args)
+        run_stage(settings)
     assert str(error.value).startswith(f"{path}: sample 2 (id=s2): cannot decode image 2.png"), str(error.value)
     assert "Traceback" not in str(error.value)
 
@@ -551,10 +556,10 @@ class NaNAtStep2(LanguageModelingObjective):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
     out = tmp_path / "run"
-    args = sft_train.stage_parser("t").parse_args(
-        common_args(data, out, "--preset", "tiny", "--max_steps", "4", "--save_steps", "1", "--batch_size", "4"))
+    settings = sft_settings(*common_args(data, out, "--preset", "tiny", "--max_steps", "4", "--save_steps", "1",
+                                         "--batch_size", "4"))
     with pytest.raises(FloatingPointError, match="step 2: loss nan"):
-        run_stage(args, objective=NaNAtStep2())
+        run_stage(settings, objective=NaNAtStep2())
     assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-1"]
     assert not (out / "model.safetensors").exists()
 
@@ -680,6 +685,39 @@ def test_dpo_help_lists_only_flags_dpo_accepts(capsys):
     assert "unrecognized arguments: --packing" in capsys.readouterr().err
 
 
+def test_every_flag_of_every_stage_lands_in_one_typed_settings_group(monkeypatch):
+    """Each argument group of a stage's parser is one settings dataclass, and together they take every parsed value
+    and nothing else: no flag travels outside the typed settings, and no field is filled by a hidden default."""
+    import dataclasses
+
+    import dpo_train
+    import settings as settings_module
+
+    captured = []
+    for module in (pretrain_train, sft_train):
+        monkeypatch.setattr(module, "run_stage_from_args", captured.append)
+        module.main(["--data_path", "d", "--output_dir", "o"])
+    captured.append(dpo_train.parse_args(["--model_path", "m", "--data_path", "d", "--output_dir", "o"]))
+    classes = [*settings_module.GROUPS.values(), dpo_train.DPOSettings]
+    for module, stage in zip((pretrain_train, sft_train, dpo_train), captured):
+        for group in module.build_parser()._action_groups:
+            dests = {action.dest for action in group._group_actions} - {"help"}
+            if dests:
+                assert any(dests <= {f.name for f in dataclasses.fields(c)} for c in classes), group.title
+        for field in dataclasses.fields(stage):
+            value = getattr(stage, field.name)
+            assert value is None or dataclasses.is_dataclass(value), field.name
+    assert captured[0].data.prompt_format == "plain" and captured[1].data.prompt_format == "chat"
+    assert captured[2].model.merge_loaded_adapters and not captured[1].model.merge_loaded_adapters
+    assert captured[2].stage.beta == 0.1 and captured[1].stage is None
+    args = sft_train.stage_parser("t").parse_args(["--data_path", "d", "--output_dir", "o"])
+    args.unknown_setting = 1
+    with pytest.raises(TypeError, match="settings that fit no group: \\['unknown_setting'\\]"):
+        StageSettings.from_args(args, merge_loaded_adapters=False)
+    with pytest.raises(KeyError, match="merge_loaded_adapters"):  # a field nobody fills is an error too
+        StageSettings.from_args(sft_train.stage_parser("t").parse_args(["--data_path", "d", "--output_dir", "o"]))
+
+
 @pytest.mark.parametrize("launcher", ["pretrain.sh", "sft.sh", "sft_lora.sh", "sft_fsdp.sh", "dpo.sh"])
 def test_launchers_pass_flags_their_stage_accepts(tmp_path, launcher, monkeypatch):
     """Each torchrun launcher, run with a stand-in torchrun that records its command line: the stage script's own
@@ -698,15 +736,15 @@ def test_launchers_pass_flags_their_stage_accepts(tmp_path, launcher, monkeypatc
     stage, flags = argv[script], argv[script + 1:]
     assert argv[:script] == ["--standalone", "--nproc_per_node", "4"] and flags[-2:] == ["--seed", "7"]
     if stage == "dpo_train.py":
-        args = dpo_train.parse_args(flags)
+        settings = dpo_train.parse_args(flags)
     else:
         captured = []
         module = {"pretrain_train.py": pretrain_train, "sft_train.py": sft_train}[stage]
         monkeypatch.setattr(module, "run_stage_from_args", captured.append)
         module.main(flags)
-        args = captured[0]
-    assert args.seed == 7 and args.output_dir.startswith("checkpoints/")
-    assert args.lora == (launcher == "sft_lora.sh") and args.fsdp == (launcher == "sft_fsdp.sh")
+        settings = captured[0]
+    assert settings.run.seed == 7 and settings.run.output_dir.startswith("checkpoints/")
+    assert settings.lora.lora == (launcher == "sft_lora.sh") and settings.run.fsdp == (launcher == "sft_fsdp.sh")
 
 
 def test_fsdp2_with_gloo_equals_ddp_and_its_checkpoints_resume_and_load(tmp_path):
@@ -786,7 +824,7 @@ def test_cached_vision_features_give_the_same_losses_and_are_reused(tmp_path, da
 
 # ---------------------------------------------------------------- held-out evaluation flags and the schedule
 @pytest.mark.parametrize("name, text, message", [
-    ("missing.jsonl", None, "missing.jsonl: no such file"),
+    ("missing.jsonl", None, "missing.jsonl: data file not found"),
     ("broken.jsonl", '{"question": "q", "answer": "a"}\n{"question": ', "broken.jsonl:2: malformed JSON line"),
 ])
 def test_a_bad_eval_file_stops_before_step_1_in_one_line_naming_it(tmp_path, data, name, text, message):
@@ -808,9 +846,9 @@ def test_warmup_stable_decay_holds_the_peak_then_decays(toy_tokenizer):
     from model_setup import build_scheduler
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    args = argparse.Namespace(warmup_steps=2, warmup_ratio=0.0, lr_scheduler_type="warmup_stable_decay",
-                              decay_ratio=0.3)
-    scheduler, lrs = build_scheduler(optimizer, args, 10), []
+    settings = sft_settings("--warmup_steps", "2", "--warmup_ratio", "0.0", "--lr_scheduler_type",
+                            "warmup_stable_decay", "--decay_ratio", "0.3").optimizer
+    scheduler, lrs = build_scheduler(optimizer, settings, 10), []
     for _ in range(10):
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
