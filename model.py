@@ -70,10 +70,10 @@ class VLMConfig(PreTrainedConfig):
     # LayerNorm over each token's channels (it removes neither the shared offset nor the dominant directions).
     # None: the plain LLaVA-1.5 MLP.
     projector_input_norm: str | None = None
-    # The norm every image token leaves the projector with. A trained LLaVA MLP's outputs grow far past the text
-    # embeddings' norm (SmolLM2-135M: 196 after stage 1 against 3.2), so an image token rides through the frozen LLM
-    # nearly untouched by its layers. "embedding" (resolved when the model is built): the LLM's mean input-embedding
-    # norm, so image tokens enter at a text token's scale. None: the plain MLP's output.
+    # The norm every image token leaves the projector with (its direction is what the MLP learns). A trained LLaVA
+    # MLP's outputs grow far past the text embeddings' norm (SmolLM2-135M: 196 after stage 1 against 3.2).
+    # "embedding" (resolved when the model is built): the LLM's mean input-embedding norm, a text token's scale; a
+    # number: that norm. None: the plain MLP's output.
     projector_output_norm: float | str | None = None
     vision_feature_layer: int = -1  # -1: the tower's last_hidden_state; other values index hidden_states
     # The side of the square image the tower is fed, as the image processor produces it. It can differ from the

@@ -23,7 +23,7 @@ class ModelSettings:
     max_tiles: int | None
     vision_feature_layer: int | None
     projector_input_norm: str | None
-    projector_output_norm: str | None
+    projector_output_norm: str | float | None
     preset: str | None
     tokenizer: str | None
     tokenizer_vocab_size: int

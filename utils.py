@@ -15,6 +15,19 @@ DEFAULT_VISION_MODEL = "google/siglip-so400m-patch14-384"
 DEFAULT_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
+def output_norm(value: str) -> str | float:
+    """--projector_output_norm: none, embedding, or a positive number."""
+    if value in ("none", "embedding"):
+        return value
+    try:
+        norm = float(value)
+    except ValueError:
+        norm = 0.0
+    if not norm > 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give none, embedding, or a positive number")
+    return norm
+
+
 def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) -> argparse.ArgumentParser:
     """The flags every stage shares; a stage passes its own defaults (learning rate, what trains, ...) and the
     shared flags it cannot honour (`without`: left out of its --help and refused, their values fixed at the
@@ -48,9 +61,10 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
                             "with the model: whiten (the training features' mean removed and ZCA-whitened, fitted "
                             "once on the first 2,048 training images), layernorm (each token), or none (LLaVA-1.5's "
                             "MLP); default none")
-    model.add_argument("--projector_output_norm", default=None, choices=["none", "embedding"],
-                       help="new model: embedding rescales every image token the projector outputs to the LLM's "
-                            "mean input-embedding norm (saved with the model); default none (the plain MLP)")
+    model.add_argument("--projector_output_norm", default=None, type=output_norm, metavar="{none,embedding,NORM}",
+                       help="new model: every image token leaves the projector rescaled to this norm: embedding (the "
+                            "LLM's mean input-embedding norm, measured when the model is built) or a number; saved "
+                            "with the model; default none (the plain MLP)")
     model.add_argument("--preset", default=None, choices=["tiny", "small", "real"],
                        help="build a randomly initialised VLM of a named size instead of loading components")
     model.add_argument("--tokenizer", default=None,

@@ -226,6 +226,10 @@ def test_the_projectors_output_norm_is_the_llms_embedding_norm_and_survives_save
         model.language_model.get_input_embeddings().weight.mul_(5)
     model.save_pretrained(tmp_path / "vlm_later")
     assert VLM.from_pretrained(str(tmp_path / "vlm_later")).projector.output_norm == reloaded.config.projector_output_norm
+    fixed = vlm_from_preset("tiny", toy_tokenizer, projector_output_norm=50.0).eval()
+    with torch.no_grad():
+        norms = fixed.encode_images(pixels).norm(dim=-1)
+    assert torch.allclose(norms, torch.full_like(norms, 50.0), rtol=1e-4)
 
 
 def test_whitening_gives_the_fitted_features_zero_mean_and_unit_scale():

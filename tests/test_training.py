@@ -597,14 +597,19 @@ def test_architecture_flags_build_stage_one_and_a_checkpoint_keeps_them(tmp_path
     flags = saved_start(tiny_vlm(toy_tokenizer), tmp_path, "components")
     pretrain_train.main(common_args(data, tmp_path / "pre", *flags, "--max_steps", "2", "--save_steps", "0",
                                     "--projector_input_norm", "layernorm", "--vision_feature_layer", "-2",
-                                    *CHAT_STAGE_1))
+                                    "--projector_output_norm", "embedding", *CHAT_STAGE_1))
     config = json.load(open(tmp_path / "pre" / "config.json"))
     assert (config["projector_input_norm"], config["vision_feature_layer"]) == ("layernorm", -2)
+    embedding_norm = tiny_vlm(toy_tokenizer).language_model.get_input_embeddings().weight.norm(dim=-1).mean()
+    assert config["projector_output_norm"] == pytest.approx(embedding_norm.item(), rel=1e-3)
     assert not torch.equal(final_weights(tmp_path / "pre")["projector.norm.weight"],
                            torch.ones(tiny_vlm(toy_tokenizer).config.vision_config.hidden_size))
     with pytest.raises(SystemExit, match=r"--vision_feature_layer: set when a model is built \(stage 1\); "):
         sft_train.main(common_args(data, tmp_path / "sft", "--model_path", str(tmp_path / "pre"),
                                    "--vision_feature_layer", "-1"))
+    with pytest.raises(SystemExit, match=r"--projector_output_norm: set when a model is built"):
+        sft_train.main(common_args(data, tmp_path / "sft", "--model_path", str(tmp_path / "pre"),
+                                   "--projector_output_norm", "20"))
 
 
 def test_stage_one_fits_the_whitening_once_with_or_without_the_cache_and_later_stages_keep_it(tmp_path, data,
