@@ -1,9 +1,9 @@
-"""Shared entry points of the three stage scripts: their command-line flags and the stage runner.
+"""Shared entry points of the three stage scripts: their command-line flags and the hand-off to the stage runner.
 
-The code itself is split by concern: `data.py` (records, validation, collate), `training.py` (the loop and the stage
-runner) and the modules it builds on (`model_setup.py`, `distributed.py`, `checkpoints.py`, `sampler.py`,
-`feature_cache.py`). This module imports none of them until a stage runs, so `--help` works without loading torch
-or transformers.
+The flags come in groups, and `settings.py` turns each group into one typed dataclass. The code itself is split by
+concern: `data.py` (records, validation, collate), `training.py` (the loop and the stage runner) and the modules it
+builds on (`model_setup.py`, `distributed.py`, `checkpoints.py`, `sampler.py`, `feature_cache.py`). This module
+imports none of them until a stage runs, so `--help` works without loading torch or transformers.
 """
 
 from __future__ import annotations
