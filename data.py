@@ -56,11 +56,13 @@ def load_records(path: str):
     elif path.endswith((".json", ".jsonl")):
         try:
             table = datasets.Dataset.from_json(path)
-        except Exception:
-            # datasets reports a syntax error without its position: find the line, or pass its error on. (Only on
-            # failure: parsing a 595K-record file in Python takes 14 s and 1.7 GB.)
+        except Exception as error:
+            # datasets reports a syntax error without its position: find the line. (Only on failure: parsing a
+            # 595K-record file in Python takes 14 s and 1.7 GB.) Valid JSON that still fails gets one line too.
             _check_json_syntax(path)
-            raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"{path}: valid JSON, but datasets cannot read it as a table of records: {reason}") \
+                from None
     else:
         raise DataError(f"{path}: unknown data format (expected .json, .jsonl, .parquet or a saved datasets folder)")
     for column in IMAGE_COLUMNS:

@@ -100,9 +100,22 @@ def read_questions(path: str) -> list[dict]:
     from processor import DataError
 
     try:
-        return [question_of(row, f"{path}: record {i}") for i, row in enumerate(load_records(path))]
+        rows = load_records(path)
+        return [question_of(row, where) for row, where in zip(rows, record_names(path, len(rows)))]
     except DataError as error:
         raise SystemExit(str(error)) from None
+
+
+def record_names(path: str, count: int) -> list[str]:
+    """What an error calls each record: its line's record number, or a parquet shard's file and row in it."""
+    import pyarrow.parquet as pq
+
+    from data import data_files
+
+    files = data_files(path)
+    if not all(file.endswith(".parquet") for file in files):
+        return [f"{path}: record {i}" for i in range(count)]
+    return [f"{file}: row {i}" for file in files for i in range(pq.ParquetFile(file).metadata.num_rows)]
 
 
 def question_of(row: dict, where: str) -> dict:

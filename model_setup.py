@@ -149,7 +149,7 @@ def set_trainable(model: VLM, vision: bool, projector: bool, llm: bool, llm_froz
             p.requires_grad_(flag and (not own_adapters or id(p) in adapters))
     if llm and llm_frozen_layers:
         blocks = transformer_blocks(model, model.language_model)
-        if llm_frozen_layers > len(blocks):
+        if not 0 <= llm_frozen_layers <= len(blocks):
             raise SystemExit(f"--llm_frozen_layers {llm_frozen_layers}: the LLM has {len(blocks)} blocks")
         for module in [model.language_model.get_input_embeddings(), *blocks[:llm_frozen_layers]]:
             module.requires_grad_(False)

@@ -2,8 +2,8 @@
 
 `utils.stage_parser` defines the flags (with their help and defaults) in the same groups; `StageSettings.from_args`
 sorts the parsed values into these groups, and each function of the training code takes the group it reads: the
-optimizer its `OptimSettings`, the loader and dataset their `DataSettings`, and so on. No field has a default here,
-so every value comes from a flag or is fixed, visibly, by the stage script that builds the settings.
+optimizer its `OptimSettings`, the loader and dataset their `DataSettings`, and so on. No setting has a default
+here, so every value comes from a flag or is fixed, visibly, by the stage script that builds the settings.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class LogSettings:
     wandb_run_name: str | None
 
 
-# The parser's argument groups (their titles in utils.stage_parser) and the settings each fills.
+# The settings groups, in the order of the parser's argument groups in utils.stage_parser (a test checks that each
+# parser group's flags are one dataclass's fields).
 GROUPS = {"model": ModelSettings, "data": DataSettings, "run": RunSettings, "optimizer": OptimSettings,
           "lora": LoraSettings, "eval": EvalSettings, "log": LogSettings}
 

@@ -36,7 +36,7 @@ from model_setup import (MODULE_PREFIXES, autocast_for, build_model, build_optim
                          set_trainable, trainable_parameters)
 from processor import IGNORE_INDEX, VLMProcessor
 from sampler import BatchStream, ResumableSampler, build_loader
-from settings import DataSettings, EvalSettings, LogSettings, RunSettings, StageSettings
+from settings import DataSettings, EvalSettings, LogSettings, OptimSettings, RunSettings, StageSettings
 
 
 class Objective(Protocol):
@@ -253,11 +253,12 @@ def start_run(settings: StageSettings, runtime: Runtime, model: VLM, dataset, ob
                autocast, amp_dtype, reach, list(trainable_parameters(model).values()))
 
 
-def optimizer_step(run: Run, objective: Objective, settings: StageSettings, runtime: Runtime) -> dict:
+def optimizer_step(run: Run, objective: Objective, run_cfg: RunSettings, optim: OptimSettings,
+                   runtime: Runtime) -> dict:
     """One optimizer step over --grad_accum micro-batches; returns what is logged for it."""
     started = time.perf_counter()
     model, is_sharded = run.model, sharded(run.model)
-    micro_batches = [run.stream.next() for _ in range(settings.run.grad_accum)]
+    micro_batches = [run.stream.next() for _ in range(run_cfg.grad_accum)]
     # Every token of the optimizer step weighs the same, whichever micro-batch or rank it sits in: divide each
     # micro-batch's summed loss by the step's global count. (DDP averages gradients over ranks, hence the factor
     # world_size.)
@@ -283,15 +284,15 @@ def optimizer_step(run: Run, objective: Objective, settings: StageSettings, runt
         for name, value in metrics.items():
             metric_sums[name] = metric_sums.get(name, 0) + value.detach().double()
     run.scaler.unscale_(run.optimizer)
-    max_norm = settings.optimizer.max_grad_norm
+    max_norm = optim.max_grad_norm
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm if max_norm > 0 else float("inf"))
     reduced = all_reduce_sum(torch.stack([step_loss, *metric_sums.values()]), runtime) / max(num_items, 1)
     if not torch.isfinite(reduced[0]) or (run.amp_dtype != torch.float16 and not torch.isfinite(grad_norm)):
         raise FloatingPointError(
             f"step {run.step + 1}: loss {reduced[0].item()} / grad norm {grad_norm.item()} is not finite; "
-            f"stopping without saving. The last good checkpoint stays in {settings.run.output_dir}. Try "
+            f"stopping without saving. The last good checkpoint stays in {run_cfg.output_dir}. Try "
             f"--dtype bf16 (or fp32), a lower --lr, or check the data of this step")
-    lrs = learning_rates(run.optimizer, run.scheduler, settings.optimizer.lr)
+    lrs = learning_rates(run.optimizer, run.scheduler, optim.lr)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
@@ -302,7 +303,7 @@ def optimizer_step(run: Run, objective: Objective, settings: StageSettings, runt
     return {"loss": reduced[0].item(), **lrs, "grad_norm": grad_norm.item(),
             "epoch": run.stream.epoch + run.stream.batch_in_epoch / run.batches_per_epoch,
             "supervised_tokens": int(num_items), "tokens_per_s": num_tokens / elapsed,
-            "samples_per_s": settings.run.batch_size * settings.run.grad_accum * runtime.world_size / elapsed,
+            "samples_per_s": run_cfg.batch_size * run_cfg.grad_accum * runtime.world_size / elapsed,
             "peak_memory_gb": peak_memory_gb(runtime.device),
             **{name: value.item() for name, value in zip(metric_sums, reduced[1:])}}
 
@@ -326,7 +327,7 @@ def train(settings: StageSettings, runtime: Runtime, model: VLM, dataset, object
                           process_started or time.time())
     try:
         while run.step < run.total_steps:
-            record = optimizer_step(run, objective, settings, runtime)
+            record = optimizer_step(run, objective, settings.run, settings.optimizer, runtime)
             step, last = run.step, run.step == run.total_steps
             logger.log(step, record, write=step % log.logging_steps == 0 or last)
             if log.save_steps > 0 and (step % log.save_steps == 0 or last):

@@ -15,6 +15,13 @@ DEFAULT_VISION_MODEL = "google/siglip-so400m-patch14-384"
 DEFAULT_LLM = "Qwen/Qwen2.5-0.5B-Instruct"
 
 
+def non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value}: give 0 or more")
+    return number
+
+
 def output_norm(value: str) -> str | float:
     """--projector_output_norm: none, embedding, or a positive number."""
     if value in ("none", "embedding"):
@@ -23,7 +30,7 @@ def output_norm(value: str) -> str | float:
         norm = float(value)
     except ValueError:
         norm = 0.0
-    if not norm > 0:
+    if not 0 < norm < float("inf"):
         raise argparse.ArgumentTypeError(f"{value!r}: give none, embedding, or a positive number")
     return norm
 
@@ -108,7 +115,7 @@ def stage_parser(description: str, without: tuple[str, ...] = (), **defaults) ->
                      help="train the projector (DPO: on unless --lora, whose reference is the model without its "
                           "adapters)")
     run.add_argument("--train_llm", action=on_off, default=True, help="train the language model")
-    run.add_argument("--llm_frozen_layers", type=int, default=0,
+    run.add_argument("--llm_frozen_layers", type=non_negative, default=0,
                      help="with --train_llm: keep the LLM's input embeddings (and an output head tied to them) "
                           "and its first N blocks frozen; their weight gradients and updates are skipped")
     run.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")

@@ -171,6 +171,16 @@ def test_parquet_questions_carrying_their_images_read_like_the_jsonl(tmp_path):
         for row, reference in zip(rows, from_jsonl):
             assert row["image"]["path"] == reference["image"] == eval_vlm.image_name(row["image"])
             assert row["image"]["bytes"] == (tmp_path / "images" / reference["image"]).read_bytes()
+    # A bad row in a folder of shards is named by its shard and its row there.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "eval.parquet")
+    no_answer = table.slice(0, 1).set_column(table.schema.get_field_index("answer"), "answer",
+                                             pa.array([None], type=table.schema.field("answer").type))
+    pq.write_table(no_answer, shards / "test-00001-of-00001.parquet")
+    with pytest.raises(SystemExit, match="test-00001-of-00001.parquet: row 0: no answer"):
+        read_questions(str(tmp_path / "hub"))
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(SystemExit, match="broken.parquet: not a readable parquet file"):
         read_questions(str(tmp_path / "broken.parquet"))

@@ -108,7 +108,8 @@ def test_dpo_reference_without_adapters_equals_a_frozen_copy(tmp_path, start):
     from model_setup import set_trainable
 
     set_trainable(model, vision=False, projector=settings.run.train_projector, llm=True)
-    assert settings.run.train_projector is False  # LoRA DPO keeps the projector: the adapter-free model is the reference
+    # LoRA DPO keeps the projector: the adapter-free model is the reference.
+    assert settings.run.train_projector is False
     with torch.no_grad():
         for p in adapter_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.05)

@@ -225,7 +225,8 @@ def test_the_projectors_output_norm_is_the_llms_embedding_norm_and_survives_save
     with torch.no_grad():
         model.language_model.get_input_embeddings().weight.mul_(5)
     model.save_pretrained(tmp_path / "vlm_later")
-    assert VLM.from_pretrained(str(tmp_path / "vlm_later")).projector.output_norm == reloaded.config.projector_output_norm
+    later = VLM.from_pretrained(str(tmp_path / "vlm_later"))
+    assert later.projector.output_norm == reloaded.config.projector_output_norm
     fixed = vlm_from_preset("tiny", toy_tokenizer, projector_output_norm=50.0).eval()
     with torch.no_grad():
         norms = fixed.encode_images(pixels).norm(dim=-1)

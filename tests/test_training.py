@@ -372,6 +372,10 @@ def test_frozen_lower_llm_layers_get_no_gradient_and_the_projector_still_does(to
     assert not trained & {id(p) for module in frozen for p in module.parameters()}
     with pytest.raises(SystemExit, match=f"--llm_frozen_layers {len(blocks) + 1}: the LLM has {len(blocks)} blocks"):
         set_trainable(model, False, True, True, len(blocks) + 1)
+    for flag, value in (("--llm_frozen_layers", "-1"), ("--projector_output_norm", "inf"),
+                        ("--projector_output_norm", "0")):
+        with pytest.raises(SystemExit):  # argparse's one line, exit 2
+            sft_settings(flag, value)
 
 
 class WorkerPids(torch.utils.data.Dataset):
