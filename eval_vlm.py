@@ -8,7 +8,8 @@ of shards); a "type" or "category" field groups the questions. Answers are gener
 batches and written to --output; the metrics are printed, their last line one JSON object:
 
 - exact match after normalisation (case, punctuation, articles, surrounding space), overall and per question type;
-- per-object recall where a row lists the objects its answer should name ("objects": ["red circle", ...]);
+- per-object recall where a row lists the objects its answer should name ("objects": ["red circle", ...]; an object
+  may be a list of names, any of which counts: ["红色圆形", "red circle"]);
 - POPE-style metrics over the yes/no questions (answers yes/no or 是/否): accuracy, precision, recall, F1 and the
   share of "yes" predictions, with the true share beside it.
 
@@ -43,6 +44,11 @@ def yes_no(text: str) -> str | None:
     return None
 
 
+def names_any(names: str | list[str], prediction: str) -> bool:
+    """Whether the prediction names an object given by one name or by a list of accepted names."""
+    return any(normalise(n) in normalise(prediction) for n in ([names] if isinstance(names, str) else names))
+
+
 def compute_metrics(records: list[dict]) -> dict:
     """records: {"prediction", "answer", "type"}. Exact match overall and per type; POPE over yes/no answers."""
     if not records:
@@ -56,7 +62,7 @@ def compute_metrics(records: list[dict]) -> dict:
                             for t, v in sorted(by_type.items())}}
     with_objects = [r for r in records if r.get("objects")]
     if with_objects:  # captions: how many of the named objects the prediction mentions
-        found = [normalise(o) in normalise(r["prediction"]) for r in with_objects for o in r["objects"]]
+        found = [names_any(o, r["prediction"]) for r in with_objects for o in r["objects"]]
         metrics["object_recall"] = round(100 * sum(found) / len(found), 2)
     pairs = [(yes_no(r["answer"]), yes_no(r["prediction"])) for r in records if yes_no(r["answer"]) is not None]
     if pairs:

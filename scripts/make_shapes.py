@@ -8,7 +8,8 @@ random size and jitter inside its cell. From each scene the generator writes:
     dpo.json        preference pairs {"image", "question", "chosen", "rejected"}: the rejected answer hallucinates
     dpo_questions.jsonl  the same images' questions with their truth, for pairs from the model's own answers
     eval.jsonl      held-out single questions {"image", "question", "answer", "type", "lang"} for eval_vlm.py
-    eval_captions.jsonl  the same held-out images to describe, with the objects a caption should name
+    eval_captions.jsonl  the same held-out images to describe, with the objects a caption should name (each in
+                    the caption's language and the other: stage 1's plain format has no prompt to ask a language in)
     eval.parquet    the held-out questions with their images inside, as POPE and MME ship on the Hub
     images/         the PNGs, named by split
     tokenizer/      a byte-level BPE learnt from every phrase the generator can write, with Qwen's chat template
@@ -217,7 +218,7 @@ def write_split(kind: str, output_dir: str, num_samples: int, seed: int, image_s
         else:
             captions.append({"id": f"{kind}-{i}-caption", "image": file_name, "type": "caption",
                              "question": "简要描述这张图片。" if zh else "Describe the image briefly.",
-                             "answer": caption(scene, zh), "objects": [name(o, zh) for o in scene],
+                             "answer": caption(scene, zh), "objects": [[name(o, zh), name(o, not zh)] for o in scene],
                              "lang": "zh" if zh else "en"})
             for question_type in QUESTION_TYPES:
                 question, answer = ask(question_type, scene, rng, zh)

@@ -27,6 +27,13 @@ def test_object_recall_counts_the_named_objects_a_caption_mentions(tmp_path):
     predictions.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
     metrics = eval_vlm.main(["--predictions", str(predictions)])
     assert metrics["object_recall"] == round(100 * 2 / 3, 2) and metrics["exact_match"] == 50.0
+    # A caption asked for in Chinese but written in English (stage 1's plain format cannot be asked for a language)
+    # names its objects when a record lists each object's names in both languages.
+    rows = [{"answer": "左上是红色圆形，右下是蓝色正方形。", "type": "caption", "lang": "zh",
+             "objects": [["红色圆形", "red circle"], ["蓝色正方形", "blue square"]],
+             "prediction": "a red circle on the top left and a green square on the bottom right"}]
+    predictions.write_text(json.dumps(rows[0], ensure_ascii=False))
+    assert eval_vlm.main(["--predictions", str(predictions)])["object_recall"] == 50.0
 
 
 def test_the_generator_writes_caption_questions_for_its_held_out_scenes(tmp_path):
@@ -35,7 +42,9 @@ def test_the_generator_writes_caption_questions_for_its_held_out_scenes(tmp_path
     captions = [json.loads(line) for line in open(tmp_path / "eval_captions.jsonl")]
     assert [c["image"] for c in captions] == sorted({q["image"] for q in questions})
     for row in captions:
-        assert row["objects"] and all(normalise(o) in normalise(row["answer"]) for o in row["objects"])
+        # Every object is named in the caption's language first, then in the other.
+        assert row["objects"] and all(normalise(o[0]) in normalise(row["answer"]) for o in row["objects"])
+        assert all(o[1].isascii() == (row["lang"] == "zh") for o in row["objects"])
 
 
 def test_metrics_match_a_hand_computed_case(tmp_path):

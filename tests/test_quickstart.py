@@ -91,6 +91,13 @@ def test_pretrained_recipe_on_a_few_dozen_samples(tmp_path, real_parts):
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
     pretrain = VLM.from_pretrained(os.path.join(out, "pretrain"))
     assert pretrain.config.num_image_tokens == 16  # 112 px / 14 = 8x8 patches, downsampled to 4x4
+    # The recipe whitens the projector's input: fitted in stage 1 and carried, unchanged, through SFT and DPO.
+    whitening = pretrain.projector.norm
+    assert pretrain.config.projector_input_norm == "whiten"
+    assert not torch.equal(whitening.matrix, torch.eye(whitening.matrix.shape[0]))
+    for stage in ("sft", "dpo"):
+        later = VLM.from_pretrained(os.path.join(out, stage)).projector.norm
+        assert torch.equal(later.matrix, whitening.matrix) and torch.equal(later.mean, whitening.mean)
     image = os.path.join(data, "images", json.loads(open(os.path.join(data, "eval.jsonl")).readline())["image"])
     assert isinstance(pretrain.chat(image, "Describe the image.", max_new_tokens=8), str)  # plain: it captions
     from transformers import AutoModelForCausalLM
