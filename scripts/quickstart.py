@@ -58,12 +58,14 @@ RECIPES = {
     # Pretrained parts (scripts/get_parts.py): stage 1 trains the projector alone on plain-format captions, from
     # whitened tower features (one direction holds 62% of their variance; whitened, every direction starts at the
     # same scale, and colour got read: docs/RESULTS.md), SFT the projector (at its own, higher learning rate) and
-    # the LLM, DPO the same on the SFT model's own mistakes. Sized for about 13 minutes of stages on 2 CPU cores
-    # with bf16 matrix units (AVX512-BF16 or AMX); an fp32-only CPU takes about three times as long.
+    # the LLM, DPO the same on the SFT model's own mistakes with IPO's loss (DPO's sigmoid kept pushing the balanced
+    # yes/no pairs past the truth). Sized for about 14 minutes of stages on 2 CPU cores with bf16 matrix units
+    # (AVX512-BF16 or AMX); an fp32-only CPU takes about three times as long.
     "mini": dict(output_dir="checkpoints/mini", num_samples=4000, num_eval=100, num_dpo=32, image_size=112,
                  pretrain_steps=400, pretrain_lr=2e-3, pretrain_batch_size=8, sft_steps=120, sft_lr=1e-4,
                  sft_projector_lr=1e-3, sft_batch_size=8, sft_questions=(4, 8), sft_mode="full", dpo_steps=10,
                  dpo_lr=2e-5, dpo_batch_size=8, dpo_sft_weight=1.0, dpo_pairs="onpolicy", dpo_samples=1,
+                 dpo_loss_type="ipo", beta=0.5,
                  warmup_steps=10, lr_scheduler_type="warmup_stable_decay", max_length=512, dtype="auto",
                  eval_batch_size=64, curve_points=4, projector_input_norm="whiten"),
     # --preset tiny: a 1M-parameter VLM from scratch (a tokenizer learnt from the data); every module trains.
@@ -71,6 +73,7 @@ RECIPES = {
                  pretrain_steps=500, pretrain_lr=5e-4, pretrain_batch_size=32, sft_steps=700, sft_lr=5e-4,
                  sft_projector_lr=None, sft_batch_size=32, sft_questions=(3, 6), sft_mode="full", dpo_steps=150,
                  dpo_lr=2e-4, dpo_batch_size=32, dpo_sft_weight=0.0, dpo_pairs="offpolicy", dpo_samples=1,
+                 dpo_loss_type="sigmoid", beta=0.1,
                  warmup_steps=50, lr_scheduler_type="cosine", max_length=256, dtype="fp32", eval_batch_size=128,
                  curve_points=3, projector_input_norm="none"),
 }
@@ -207,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sft_mode", default=None, choices=["full", "lora"],
                         help="SFT trains the whole LLM, or LoRA adapters on it (the projector trains fully in both)")
     parser.add_argument("--lora_r", type=int, default=64, help="adapter rank with --lora (alpha = 2r)")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--beta", type=float, default=None, help="DPO beta (dpo_train.py --beta)")
+    parser.add_argument("--dpo_loss_type", default=None, choices=["sigmoid", "ipo"],
+                        help="DPO's loss (dpo_train.py --loss_type): sigmoid, or IPO's squared loss, which stops "
+                             "pushing a pair once its margin reaches 1 / (2 beta)")
     parser.add_argument("--dpo_sft_weight", type=float, default=None,
                         help="DPO's NLL term on the chosen answer (dpo_train.py --sft_weight): without it, 150 DPO "
                              "steps of the pretrained parts stopped ending their replies")
@@ -256,7 +262,7 @@ def main(argv=None):
              "--output", pairs, "--samples", str(args.dpo_samples), "--max_pairs",
              str(args.dpo_steps * args.dpo_batch_size), "--batch_size", str(args.eval_batch_size),
              "--dtype", args.dtype, *device_flag(args), "--seed", str(args.seed)], seconds, "pairs")
-    run(["dpo_train.py", "--beta", str(args.beta), "--sft_weight", str(args.dpo_sft_weight), "--precompute_ref",
+    run(["dpo_train.py", "--loss_type", args.dpo_loss_type, "--beta", str(args.beta), "--sft_weight", str(args.dpo_sft_weight), "--precompute_ref",
          *stage_flags(args, "dpo", pairs)], seconds, "dpo")
     seconds["stages"] = round(time.perf_counter() - started, 1)  # generation, training and evaluation
     stages = {stage: summarise(stage_results(args, stage)) for stage in ("pretrain", "sft", "dpo")}
