@@ -88,6 +88,17 @@ def data_files(path: str) -> list[str]:
     return parquet
 
 
+def record_names(path: str, count: int) -> list[str]:
+    """What an error calls each of the `count` records load_records read from `path`: its record number, or, in
+    parquet files, the file and the row in it (a folder of shards is otherwise one long count)."""
+    import pyarrow.parquet as pq
+
+    files = data_files(path)
+    if not all(file.endswith(".parquet") for file in files):
+        return [f"{path}: record {i}" for i in range(count)]
+    return [f"{file}: row {i}" for file in files for i in range(pq.ParquetFile(file).metadata.num_rows)]
+
+
 def _is_saved_dataset(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, name)) for name in ("dataset_info.json", "state.json"))
 

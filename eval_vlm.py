@@ -102,7 +102,7 @@ def read_questions(path: str) -> list[dict]:
     """{"id", "image", "question", "answer", "type"} from JSONL questions, LLaVA-format records, or parquet files
     that carry their images (a file, or a folder of shards as `hf download` leaves POPE and MME). Read by
     data.load_records, the reader training uses, so its errors name the file and line the same way."""
-    from data import load_records  # here: scoring a predictions file needs no torch
+    from data import load_records, record_names  # here: scoring a predictions file needs no torch
     from processor import DataError
 
     try:
@@ -110,18 +110,6 @@ def read_questions(path: str) -> list[dict]:
         return [question_of(row, where) for row, where in zip(rows, record_names(path, len(rows)))]
     except DataError as error:
         raise SystemExit(str(error)) from None
-
-
-def record_names(path: str, count: int) -> list[str]:
-    """What an error calls each record: its line's record number, or a parquet shard's file and row in it."""
-    import pyarrow.parquet as pq
-
-    from data import data_files
-
-    files = data_files(path)
-    if not all(file.endswith(".parquet") for file in files):
-        return [f"{path}: record {i}" for i in range(count)]
-    return [f"{file}: row {i}" for file in files for i in range(pq.ParquetFile(file).metadata.num_rows)]
 
 
 def question_of(row: dict, where: str) -> dict:

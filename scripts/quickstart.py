@@ -262,8 +262,8 @@ def main(argv=None):
              "--output", pairs, "--samples", str(args.dpo_samples), "--max_pairs",
              str(args.dpo_steps * args.dpo_batch_size), "--batch_size", str(args.eval_batch_size),
              "--dtype", args.dtype, *device_flag(args), "--seed", str(args.seed)], seconds, "pairs")
-    run(["dpo_train.py", "--loss_type", args.dpo_loss_type, "--beta", str(args.beta), "--sft_weight", str(args.dpo_sft_weight), "--precompute_ref",
-         *stage_flags(args, "dpo", pairs)], seconds, "dpo")
+    run(["dpo_train.py", "--loss_type", args.dpo_loss_type, "--beta", str(args.beta), "--sft_weight",
+         str(args.dpo_sft_weight), "--precompute_ref", *stage_flags(args, "dpo", pairs)], seconds, "dpo")
     seconds["stages"] = round(time.perf_counter() - started, 1)  # generation, training and evaluation
     stages = {stage: summarise(stage_results(args, stage)) for stage in ("pretrain", "sft", "dpo")}
     run(["scripts/plot_curve.py", args.output_dir, "--title",

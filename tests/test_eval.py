@@ -29,10 +29,10 @@ def test_object_recall_counts_the_named_objects_a_caption_mentions(tmp_path):
     assert metrics["object_recall"] == round(100 * 2 / 3, 2) and metrics["exact_match"] == 50.0
     # A caption asked for in Chinese but written in English (stage 1's plain format cannot be asked for a language)
     # names its objects when a record lists each object's names in both languages.
-    rows = [{"answer": "左上是红色圆形，右下是蓝色正方形。", "type": "caption", "lang": "zh",
-             "objects": [["红色圆形", "red circle"], ["蓝色正方形", "blue square"]],
-             "prediction": "a red circle on the top left and a green square on the bottom right"}]
-    predictions.write_text(json.dumps(rows[0], ensure_ascii=False))
+    row = {"answer": "左上是红色圆形，右下是蓝色正方形。", "type": "caption", "lang": "zh",
+           "objects": [["红色圆形", "red circle"], ["蓝色正方形", "blue square"]],
+           "prediction": "a red circle on the top left and a green square on the bottom right"}
+    predictions.write_text(json.dumps(row, ensure_ascii=False))
     assert eval_vlm.main(["--predictions", str(predictions)])["object_recall"] == 50.0
 
 
